@@ -1,0 +1,165 @@
+package netcfg
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// linkInfo is the part of a link the check looks at.
+type linkInfo struct {
+	index     int
+	name      string
+	kind      string // netlink's Link.Type(): "device", "veth", "tuntap", ...
+	adminUp   bool   // IFF_UP
+	lowerUp   bool   // IFF_LOWER_UP: carrier
+	operState netlink.LinkOperState
+	mtu       int
+	rxQueues  int
+	txQueues  int
+	loopback  bool
+}
+
+// snapshot is the network namespace's links, global addresses and default routes at
+// one moment.
+type snapshot struct {
+	links        []linkInfo
+	addrs        map[int][]netip.Prefix // link index -> global (universe-scope) addresses
+	defaultRoute map[int]bool           // link indexes that carry a default route
+	interrupted  bool                   // a dump stayed interrupted after retries: data may be partial
+}
+
+func (s *snapshot) link(name string) (linkInfo, bool) {
+	for _, l := range s.links {
+		if l.name == name {
+			return l, true
+		}
+	}
+	return linkInfo{}, false
+}
+
+func (s *snapshot) linkName(index int) string {
+	for _, l := range s.links {
+		if l.index == index {
+			return l.name
+		}
+	}
+	return fmt.Sprintf("if%d", index)
+}
+
+// lister is the part of *netlink.Handle a snapshot needs.
+type lister interface {
+	LinkList() ([]netlink.Link, error)
+	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
+}
+
+// dumpAttempts bounds how often a dump interrupted by a concurrent change is redone
+// before its partial result is used (and another recompute scheduled).
+const dumpAttempts = 4
+
+// retryInterrupted runs dump until it does not return netlink.ErrDumpInterrupted, at
+// most dumpAttempts times. It reports whether the last attempt was still interrupted;
+// the caller then has partial results from it.
+func retryInterrupted(dump func() error) (interrupted bool, err error) {
+	for range dumpAttempts {
+		err = dump()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+// takeSnapshot lists links, addresses and main-table default routes. Each dump is
+// redone when the kernel flags it as interrupted by a concurrent change.
+func takeSnapshot(h lister) (*snapshot, error) {
+	s := &snapshot{addrs: map[int][]netip.Prefix{}, defaultRoute: map[int]bool{}}
+
+	var links []netlink.Link
+	intr, err := retryInterrupted(func() (err error) {
+		links, err = h.LinkList()
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	s.interrupted = s.interrupted || intr
+	for _, l := range links {
+		a := l.Attrs()
+		s.links = append(s.links, linkInfo{
+			index:     a.Index,
+			name:      a.Name,
+			kind:      l.Type(),
+			adminUp:   a.Flags&net.FlagUp != 0,
+			lowerUp:   a.RawFlags&unix.IFF_LOWER_UP != 0,
+			operState: a.OperState,
+			mtu:       a.MTU,
+			rxQueues:  a.NumRxQueues,
+			txQueues:  a.NumTxQueues,
+			loopback:  a.Flags&net.FlagLoopback != 0,
+		})
+	}
+
+	var addrs []netlink.Addr
+	intr, err = retryInterrupted(func() (err error) {
+		addrs, err = h.AddrList(nil, netlink.FAMILY_ALL)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	s.interrupted = s.interrupted || intr
+	for _, a := range addrs {
+		if a.Scope != unix.RT_SCOPE_UNIVERSE || a.IPNet == nil {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		ones, _ := a.Mask.Size()
+		s.addrs[a.LinkIndex] = append(s.addrs[a.LinkIndex], netip.PrefixFrom(ip.Unmap(), ones))
+	}
+
+	intr, err = retryInterrupted(func() error {
+		clear(s.defaultRoute)
+		return h.RouteListFilteredIter(netlink.FAMILY_ALL, &netlink.Route{}, 0, func(r netlink.Route) bool {
+			if !isDefault(r) {
+				return true
+			}
+			if r.LinkIndex > 0 {
+				s.defaultRoute[r.LinkIndex] = true
+			}
+			for _, nh := range r.MultiPath {
+				if nh.LinkIndex > 0 {
+					s.defaultRoute[nh.LinkIndex] = true
+				}
+			}
+			return true
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	s.interrupted = s.interrupted || intr
+	return s, nil
+}
+
+// isDefault reports whether r is a unicast default route (0.0.0.0/0 or ::/0). netlink
+// reports the destination of a default route as nil or as an all-zero prefix,
+// depending on the version.
+func isDefault(r netlink.Route) bool {
+	if r.Type != unix.RTN_UNICAST && r.Type != 0 {
+		return false
+	}
+	if r.Dst == nil {
+		return true
+	}
+	ones, _ := r.Dst.Mask.Size()
+	return ones == 0 && r.Dst.IP.IsUnspecified()
+}

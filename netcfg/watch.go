@@ -1,0 +1,157 @@
+package netcfg
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+)
+
+// subscribeFunc starts one netlink subscription in ns, with an initial dump of what
+// exists. The returned channel receives a value (coalesced) for each notification and
+// is closed when the subscription's socket fails or done is closed. onErr is called
+// from the subscription's goroutine and must not block.
+type subscribeFunc func(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error)
+
+type subscription struct {
+	name      string
+	subscribe subscribeFunc
+}
+
+// netlinkSubscriptions are the events that can change the uplink's verdict.
+var netlinkSubscriptions = []subscription{
+	{name: "link", subscribe: subscribeLinks},
+	{name: "address", subscribe: subscribeAddrs},
+	{name: "route", subscribe: subscribeRoutes},
+}
+
+func nsOption(ns netns.NsHandle) *netns.NsHandle {
+	if !ns.IsOpen() {
+		return nil
+	}
+	return &ns
+}
+
+func subscribeLinks(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+	ch := make(chan netlink.LinkUpdate, 64)
+	err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
+		Namespace: nsOption(ns), ErrorCallback: onErr, ListExisting: true,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return forward(ch), nil
+}
+
+func subscribeAddrs(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+	ch := make(chan netlink.AddrUpdate, 64)
+	err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{
+		Namespace: nsOption(ns), ErrorCallback: onErr, ListExisting: true,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return forward(ch), nil
+}
+
+func subscribeRoutes(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+	ch := make(chan netlink.RouteUpdate, 64)
+	err := netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{
+		Namespace: nsOption(ns), ErrorCallback: onErr, ListExisting: true,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return forward(ch), nil
+}
+
+// forward drains in (so netlink's receive goroutine never blocks) and turns its
+// updates into coalesced ticks; it closes the result when in is closed.
+func forward[T any](in <-chan T) <-chan struct{} {
+	out := make(chan struct{}, 1)
+	go func() {
+		defer close(out)
+		for range in {
+			select {
+			case out <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return out
+}
+
+// watcher keeps one subscription alive for one Run: it turns its events into
+// re-evaluations and resubscribes, with backoff, when its socket fails.
+type watcher struct {
+	u   *Uplink
+	sub subscription
+	ns  netns.NsHandle
+
+	mu      sync.Mutex
+	lastErr error
+}
+
+// onError is the subscription's ErrorCallback. An interrupted dump means the initial
+// list may be partial: re-evaluate (which re-lists). Other errors are remembered for
+// the resubscribe log line; a failed socket also closes the channel.
+func (w *watcher) onError(ctx context.Context) func(error) {
+	return func(err error) {
+		if ctx.Err() != nil {
+			return // the socket was closed on purpose
+		}
+		if errors.Is(err, netlink.ErrDumpInterrupted) {
+			w.u.log.Debug("netlink dump interrupted; re-listing", "subscription", w.sub.name)
+			w.u.trigger()
+			return
+		}
+		w.mu.Lock()
+		w.lastErr = err
+		w.mu.Unlock()
+		w.u.log.Debug("netlink subscription error", "subscription", w.sub.name, "error", err)
+		w.u.trigger()
+	}
+}
+
+func (w *watcher) run(ctx context.Context, ch <-chan struct{}) {
+	backoff := minBackoff
+	for {
+		started := time.Now()
+		for range ch {
+			w.u.trigger()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(started) > stableSubscription {
+			backoff = minBackoff
+		}
+		w.mu.Lock()
+		err := w.lastErr
+		w.lastErr = nil
+		w.mu.Unlock()
+		if err == nil {
+			err = errSubscriptionClosed
+		}
+		w.u.log.Warn("netlink subscription lost; resubscribing", "subscription", w.sub.name, "backoff", backoff, "error", err)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, maxBackoff)
+			var serr error
+			ch, serr = w.sub.subscribe(w.ns, ctx.Done(), w.onError(ctx))
+			if serr == nil {
+				break
+			}
+			w.u.log.Warn("resubscribe to netlink updates", "subscription", w.sub.name, "backoff", backoff, "error", serr)
+		}
+		// Whatever changed while the socket was down shows in the next evaluation.
+		w.u.trigger()
+	}
+}
