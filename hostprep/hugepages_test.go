@@ -43,8 +43,8 @@ func TestHugepagesApply(t *testing.T) {
 			wantInDet: []string{"512/512", "default hugepage size is 1048576 kB", "hugepagesz=2M hugepages=512"},
 		},
 		{
-			name: "1GiB default, persisted on the command line",
-			cfg:  fakehost.Config{DefaultPageKB: 1 << 20, Cmdline: "ro default_hugepagesz=1G hugepagesz=1G hugepages=2 hugepagesz=2M hugepages=512"},
+			name:   "1GiB default, persisted on the command line",
+			cfg:    fakehost.Config{DefaultPageKB: 1 << 20, Cmdline: "ro default_hugepagesz=1G hugepagesz=1G hugepages=2 hugepagesz=2M hugepages=512"},
 			wantOK: true, wantPool: "512", wantInDet: []string{"persisted on the kernel command line (512 pages)"},
 		},
 		{
