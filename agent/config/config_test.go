@@ -180,6 +180,7 @@ func TestBadConfigs(t *testing.T) {
 		{"not a mapping", "", "- a\n- b\n", []string{"want a YAML mapping"}},
 		{"broken yaml", "", "proxy: [\n", []string{"config.yaml:"}},
 		{"several problems at once", "uplink: { interface: eth1, required: true, min_mtu: 1500 }", "uplink:\n  min_mtu: 10\n  interface: \"\"", []string{"uplink.min_mtu: 10", "uplink.interface"}},
+		{"unknown key and a bad value together", "mode: apply", "mode: yolo\n  hugepage: {count: 1}", []string{"hostprep.hugepage: unknown key", `hostprep.mode: "yolo"`}},
 		{"flow line names the shared path", "min_mtu: 1500", "min_mtu: [1]", []string{":13: uplink: cannot unmarshal"}},
 	}
 	if len(tests) < 25 {

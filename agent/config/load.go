@@ -21,11 +21,18 @@ var ErrInvalid = errors.New("invalid configuration")
 // Every error it returns wraps ErrInvalid.
 func Load(path string) (*Config, error) {
 	cfg, err := load(path)
-	if err != nil {
+	if cfg == nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	if err := cfg.Validate(); err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrInvalid, path, err)
+	// Decoding problems and validation problems are reported together.
+	if verr := cfg.Validate(); verr != nil {
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w\n%s: %w", ErrInvalid, err, path, verr)
+		}
+		return nil, fmt.Errorf("%w: %s: %w", ErrInvalid, path, verr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	return cfg, nil
 }
@@ -43,19 +50,23 @@ func load(path string) (*Config, error) {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
 	cfg, err := Parse(data)
+	if cfg != nil {
+		cfg.File = path
+	}
 	if err != nil {
 		lines := strings.Split(err.Error(), "\n")
 		for i, l := range lines {
 			lines[i] = path + ":" + l
 		}
-		return nil, errors.New(strings.Join(lines, "\n"))
+		return cfg, errors.New(strings.Join(lines, "\n"))
 	}
-	cfg.File = path
 	return cfg, nil
 }
 
 // Parse decodes a configuration document (without validating it). Errors are of the
 // form "LINE: key.path: problem" (one per line) so that the caller can prefix the file.
+// On unknown keys and type errors it still returns what it decoded, so that Validate
+// can report its problems in the same pass; on a syntax error the Config is nil.
 func Parse(data []byte) (*Config, error) {
 	// ${...} is hidden behind a brace-free token while parsing, so that it is allowed
 	// anywhere a scalar is, flow style included ({ k8s.node.name: ${NODE_NAME} }).
@@ -112,11 +123,11 @@ func Parse(data []byte) (*Config, error) {
 			problems = append(problems, withPath(e, paths))
 		}
 	}
+	cfg.fillDerived()
 	if len(problems) > 0 {
 		sort.SliceStable(problems, func(i, j int) bool { return lineOf(problems[i]) < lineOf(problems[j]) })
-		return nil, errors.New(strings.Join(problems, "\n"))
+		return &cfg, errors.New(strings.Join(problems, "\n"))
 	}
-	cfg.fillDerived()
 	return &cfg, nil
 }
 
