@@ -40,12 +40,16 @@ type managedFile struct {
 // A second block (a hand copy, a bad merge) is dropped; its lines are not foreign.
 func readManaged(path string) (*managedFile, error) {
 	mf := &managedFile{mode: 0o644}
-	st, err := os.Stat(path)
+	st, err := os.Lstat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return mf, nil
 	case err != nil:
 		return nil, fmt.Errorf("stat %s: %w", path, err)
+	case st.Mode()&fs.ModeSymlink != 0:
+		// Its target may be absolute, meant for the host's /, not host_root; and the
+		// rename would replace the link, not the file. Name the file itself instead.
+		return nil, fmt.Errorf("%s is a symbolic link: not following it (configure the file it points to)", path)
 	case !st.Mode().IsRegular():
 		return nil, fmt.Errorf("%s is not a regular file", path)
 	}

@@ -361,3 +361,40 @@ func TestWriteAtomic(t *testing.T) {
 		t.Errorf("directory holds %d entries; want only f.conf", len(entries))
 	}
 }
+
+func TestPathStaysUnderHostRoot(t *testing.T) {
+	o := Options{HostRoot: "/host"}
+	for _, tt := range []struct {
+		parts []string
+		want  string
+	}{
+		{[]string{"/etc/sysctl.d/calico.conf"}, "/host/etc/sysctl.d/calico.conf"},
+		{[]string{"/../../etc/passwd"}, "/host/etc/passwd"},
+		{[]string{"/sys/class/net", "../../../../root", "device"}, "/host/root/device"},
+		{[]string{"etc/x"}, "/host/etc/x"},
+	} {
+		if got := o.path(tt.parts...); got != tt.want {
+			t.Errorf("path(%q) = %q; want %q", tt.parts, got, tt.want)
+		}
+	}
+}
+
+func TestSysctlFileSymlinkNotFollowed(t *testing.T) {
+	e := newEnv(t, fakehost.Config{})
+	e.host.Put("etc/sysctl.conf", "kernel.x = 1\n")
+	e.host.Mkdir("etc/sysctl.d")
+	if err := os.Symlink("/etc/sysctl.conf", filepath.Join(e.host.Root, sysctlFile)); err != nil {
+		t.Fatal(err)
+	}
+	before := e.host.Snapshot(t)
+	res := e.pass(t, e.opts(func(o *Options) { o.Modules = nil }), nil, nil)[health.Hugepages]
+	if !strings.Contains(res.Detail, "is a symbolic link: not following it") {
+		t.Errorf("detail %q; want a symlink warning", res.Detail)
+	}
+	after := e.host.Snapshot(t)
+	for _, rel := range []string{sysctlFile, "etc/sysctl.conf"} {
+		if before[rel] != after[rel] {
+			t.Errorf("%s changed: %q -> %q", rel, before[rel], after[rel])
+		}
+	}
+}

@@ -148,7 +148,7 @@ func (p *pass) hugepages() health.Result {
 	o := p.o
 	res := health.Result{Name: health.Hugepages}
 	want := o.Hugepages.Count
-	p.m.setRequested(want)
+	p.m.setRequested(max(want, 0))
 	if want < 0 {
 		res.Detail = fmt.Sprintf("hugepages.count %d is negative: nothing applied", want)
 		return res
@@ -202,10 +202,11 @@ func (p *pass) hugepages() health.Result {
 	if res.OK {
 		res.Detail = fmt.Sprintf("%d/%d 2MiB pages (%d free)", s.total, want, s.free)
 	} else {
-		res.Detail = fmt.Sprintf("only %d/%d 2MiB pages allocated (%d free, MemFree %d MiB: memory short or fragmented)",
-			s.total, want, s.free, s.memFreeKB/1024)
-		if !p.apply {
-			res.Detail += "; mode check: not applied"
+		if p.apply {
+			res.Detail = fmt.Sprintf("only %d/%d 2MiB pages allocated (%d free, MemFree %d MiB: memory short or fragmented)",
+				s.total, want, s.free, s.memFreeKB/1024)
+		} else {
+			res.Detail = fmt.Sprintf("only %d/%d 2MiB pages allocated (mode check: not applied)", s.total, want)
 		}
 	}
 	if len(s.nodes) > 1 {

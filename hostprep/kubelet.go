@@ -19,8 +19,10 @@ type kubeletProc struct {
 }
 
 // findKubelets lists the host's kubelet processes with their start times, read from
-// host_root/proc (the DaemonSet needs hostPID for /host/proc to show them). Processes
-// that vanish while being read are skipped.
+// host_root/proc. A procfs lists the processes of the PID namespace it was mounted in,
+// so in the DaemonSet /host/proc (the host's /proc, reached through the recursive bind
+// of the host's /) shows the host's kubelet even without hostPID. Processes that vanish
+// while being read are skipped.
 func findKubelets(o Options) []kubeletProc {
 	btime, ok := bootTime(o)
 	if !ok {

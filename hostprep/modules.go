@@ -126,10 +126,6 @@ func (p *pass) modules(ctx context.Context) health.Result {
 		res.Detail = "no modules requested"
 		return res
 	}
-	if _, err := os.Stat(o.HostRoot); err != nil {
-		res.Detail = fmt.Sprintf("host_root: %v", err)
-		return res
-	}
 	distro := readOSRelease(o)
 	ok := true
 	var parts, present []string

@@ -91,7 +91,9 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// path returns p (an absolute host path) under HostRoot.
+// path returns the host path made of p under HostRoot. The host path is cleaned as an
+// absolute path first, so "..", in a configured file name or an interface name, never
+// leads out of HostRoot.
 func (o Options) path(p ...string) string {
-	return filepath.Join(append([]string{o.HostRoot}, p...)...)
+	return filepath.Join(o.HostRoot, filepath.Clean("/"+filepath.Join(p...)))
 }
