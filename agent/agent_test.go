@@ -259,7 +259,9 @@ func TestReloadWithBrokenFileKeepsRunningConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	f := &fake{name: health.Uplink}
-	f.run = func(ctx context.Context, n int32, rep health.Reporter) error { return healthy(ctx, n, rep, health.Uplink) }
+	f.run = func(ctx context.Context, n int32, rep health.Reporter) error {
+		return healthy(ctx, n, rep, health.Uplink)
+	}
 	r := startAgent(t, cfg, component1(f, true))
 	waitFor(t, "ready", func() bool { return r.a.status.Snapshot().Ready })
 
@@ -311,7 +313,9 @@ func TestReloadRestartsWhenUpdateNeedsIt(t *testing.T) {
 	}
 	cfg, _ := config.Load(path)
 	f := &fake{name: health.Uplink, update: health.ErrNeedsRestart}
-	f.run = func(ctx context.Context, n int32, rep health.Reporter) error { return healthy(ctx, n, rep, health.Uplink) }
+	f.run = func(ctx context.Context, n int32, rep health.Reporter) error {
+		return healthy(ctx, n, rep, health.Uplink)
+	}
 	r := startAgent(t, cfg, component1(f, true))
 	waitFor(t, "first run", func() bool { return f.runs.Load() == 1 })
 	r.reload <- struct{}{}
@@ -401,7 +405,9 @@ func TestNotifySocketReadyThenStopping(t *testing.T) {
 
 	cfg := testConfig(t, "node_name: n1\n")
 	f := &fake{name: health.Uplink}
-	f.run = func(ctx context.Context, n int32, rep health.Reporter) error { return healthy(ctx, n, rep, health.Uplink) }
+	f.run = func(ctx context.Context, n int32, rep health.Reporter) error {
+		return healthy(ctx, n, rep, health.Uplink)
+	}
 	r := startAgent(t, cfg, component1(f, true))
 
 	var seen []string

@@ -71,11 +71,13 @@ func (n *notifier) update(doc StatusDoc) {
 	}
 }
 
-func (n *notifier) reloading() { n.send(daemon.SdNotifyReloading + "\n" + "MONOTONIC_USEC=" + daemon.SdNotifyMonotonicUsec()) }
+func (n *notifier) reloading() {
+	n.send(daemon.SdNotifyReloading + "\n" + "MONOTONIC_USEC=" + daemon.SdNotifyMonotonicUsec())
+}
 func (n *notifier) reloaded() {
 	if n.ready {
 		n.send(daemon.SdNotifyReady)
 	}
 }
-func (n *notifier) stopping()  { n.send(daemon.SdNotifyStopping) }
-func (n *notifier) alive()     { n.send(daemon.SdNotifyWatchdog) }
+func (n *notifier) stopping() { n.send(daemon.SdNotifyStopping) }
+func (n *notifier) alive()    { n.send(daemon.SdNotifyWatchdog) }
