@@ -270,7 +270,8 @@ func isEmptyDir(p string) (bool, error) {
 	if len(names) > 0 {
 		return false, nil
 	}
-	if err != nil && !errors.Is(err, io.EOF) {
+	// A bind of a deleted directory reads as ENOENT: empty, nothing to hide.
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, unix.ENOENT) {
 		return false, fmt.Errorf("read %s: %w", p, err)
 	}
 	return true, nil

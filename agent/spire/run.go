@@ -110,11 +110,12 @@ type runner struct {
 	st   state
 	last health.Result
 
-	sockIno     uint64 // inode of the socket the session talks to; 0: none
-	gen         uint64
-	apiCh       chan apiEvent
-	cancel      context.CancelFunc
-	sessionDone chan struct{}
+	sockIno      uint64 // inode of the socket the session talks to; 0: none
+	gen          uint64
+	apiCh        chan apiEvent
+	cancel       context.CancelFunc
+	sessionDone  chan struct{}
+	sessionStart time.Time
 }
 
 func (r *runner) opts() Options { return r.s.options() }
@@ -195,6 +196,7 @@ func (r *runner) startSession(path string) {
 	ctx, cancel := context.WithCancel(r.ctx)
 	done := make(chan struct{})
 	r.cancel, r.sessionDone = cancel, done
+	r.sessionStart = time.Now()
 	w := &watcher{gen: gen, ch: r.apiCh, done: ctx.Done()}
 	go func() {
 		defer close(done)
@@ -227,6 +229,12 @@ func (r *runner) apply(ev apiEvent) {
 		return // from a session already stopped
 	}
 	api, err := classify(ev.x509, ev.err)
+	if api == apiFailing && r.st.api == apiUnknown && time.Since(r.sessionStart) < time.Second {
+		// The socket file appears at bind(), before the agent listen()s: a refusal
+		// right after it appeared is the agent still starting, not a failure yet.
+		r.st.apiErr = err
+		return
+	}
 	if api == apiIdentity && r.st.api == apiIdentity {
 		prev, cur := r.st.x509.DefaultSVID(), ev.x509.DefaultSVID()
 		if !bytes.Equal(prev.Certificates[0].Raw, cur.Certificates[0].Raw) {

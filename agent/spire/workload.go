@@ -136,7 +136,7 @@ func errText(err error) string {
 // socketAddr is the Workload API address of a socket path.
 func socketAddr(path string) string { return "unix://" + path }
 
-// fastBackoff retries the Workload API watch quickly (250ms doubling to 2s) instead of
+// fastBackoff retries the Workload API watch quickly (100ms doubling to 2s) instead of
 // go-spiffe's default linear 1s..30s, so a restarted agent is seen within seconds.
 type fastBackoff struct{}
 
@@ -145,7 +145,7 @@ func (fastBackoff) NewBackoff() workloadapi.Backoff { return &expBackoff{} }
 type expBackoff struct{ n int }
 
 func (b *expBackoff) Next() time.Duration {
-	d := 250 * time.Millisecond << min(b.n, 3)
+	d := min(100*time.Millisecond<<min(b.n, 5), 2*time.Second)
 	b.n++
 	return d
 }
