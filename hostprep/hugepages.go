@@ -181,13 +181,12 @@ func (p *pass) hugepages() health.Result {
 		before := s.total
 		s, err = p.setPool(target)
 		if err != nil {
-			res.Detail = err.Error()
+			res.Detail = p.rel(err)
 			return res
 		}
 		if s.total != before {
 			p.m.change("hugepages_pool")
-			now := p.d.now()
-			p.st.poolChangedAt = now
+			p.st.poolChangedAt = p.d.now()
 			p.log.Info("hugepage pool changed", "from", before, "to", s.total, "requested", target)
 		}
 	}
@@ -330,7 +329,7 @@ func (p *pass) persistHugepages(s hugeState, target int64) []string {
 		p.log.Info("sysctl file written", "file", path, "result", wr.String(), "corrected", fixes)
 	}
 	for _, f := range fixes {
-		notes = append(notes, "corrected "+o.Hugepages.SysctlFile+": "+f)
+		notes = append(notes, "corrected "+o.Hugepages.SysctlFile+": "+f+", commented out")
 	}
 	if default2M {
 		notes = append(notes, fmt.Sprintf("%s %s", o.Hugepages.SysctlFile, wr))
@@ -359,10 +358,10 @@ func fixSysctlLines(lines []string, default2M bool) ([]string, []string) {
 			out = append(out, line)
 		case isWrongHugepagesKey(key):
 			out = append(out, "# "+line+"  # nodeagent: "+key+" is not a sysctl key; vm.nr_hugepages is set below")
-			fixes = append(fixes, fmt.Sprintf("%q is not a sysctl key (sysctl ignores it), commented out", key))
+			fixes = append(fixes, fmt.Sprintf("%q is not a sysctl key (sysctl ignores it)", key))
 		case default2M && (key == "vm.nr_hugepages" || key == "vm/nr_hugepages"):
 			out = append(out, "# "+line+"  # nodeagent: superseded by the block below")
-			fixes = append(fixes, fmt.Sprintf("%q superseded by nodeagent's block", strings.TrimSpace(line)))
+			fixes = append(fixes, fmt.Sprintf("%q conflicts with nodeagent's vm.nr_hugepages", strings.TrimSpace(line)))
 		default:
 			out = append(out, line)
 		}

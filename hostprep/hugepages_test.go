@@ -1,6 +1,7 @@
 package hostprep
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -325,5 +326,45 @@ func TestWrongKeyDetection(t *testing.T) {
 		if got := isWrongHugepagesKey(key); got != want {
 			t.Errorf("isWrongHugepagesKey(%q) = %v; want %v", key, got, want)
 		}
+	}
+}
+
+func TestCheckModeReportsWrongKey(t *testing.T) {
+	e := newEnv(t, fakehost.Config{Pool: 512})
+	e.host.Put(sysctlFile, "vm_nr.hugepages = 512\n")
+	res := e.pass(t, e.opts(func(o *Options) { o.Modules = nil; o.Mode = ModeCheck }), nil, nil)[health.Hugepages]
+	for _, want := range []string{
+		`warning: /etc/sysctl.d/calico.conf: "vm_nr.hugepages" is not a sysctl key (sysctl ignores it)`,
+		"warning: /etc/sysctl.d/calico.conf does not set vm.nr_hugepages = 512 (mode check: not written)",
+	} {
+		if !strings.Contains(res.Detail, want) {
+			t.Errorf("detail %q; want it to contain %q", res.Detail, want)
+		}
+	}
+	if !res.OK {
+		t.Errorf("ok = false with 512/512 allocated; want true (persistence problems are warnings)")
+	}
+	if got := e.host.Read(sysctlFile); got != "vm_nr.hugepages = 512\n" {
+		t.Errorf("mode check changed the file: %q", got)
+	}
+}
+
+// failingKernel refuses every write, as a kernel does without CAP_SYS_ADMIN.
+type failingKernel struct{}
+
+func (failingKernel) WriteFile(path string, _ []byte) error {
+	return &os.PathError{Op: "open", Path: path, Err: os.ErrPermission}
+}
+
+func TestPoolWriteRefused(t *testing.T) {
+	e := newEnv(t, fakehost.Config{})
+	e.d.sysfs = failingKernel{}
+	res := e.pass(t, e.opts(func(o *Options) { o.Modules = nil }), nil, nil)[health.Hugepages]
+	want := "set 2MiB pool to 512: open /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages: permission denied"
+	if res.OK || res.Detail != want {
+		t.Errorf("ok %v, detail %q; want failing with %q", res.OK, res.Detail, want)
+	}
+	if got := e.host.Read(sysctlFile); got != "" {
+		t.Errorf("sysctl file written after the pool write failed: %q", got)
 	}
 }
