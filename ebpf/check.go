@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/nodeagent/nodeagent/agent/health"
@@ -42,7 +41,7 @@ func Check(ctx context.Context, opts Options) []health.Result {
 	var attached, other []string
 	for _, h := range hooks {
 		path := filepath.Join(linksDir(opts.BPFFS), h.name)
-		lk, err := link.LoadPinnedLink(path, &ebpf.LoadPinOptions{ReadOnly: true})
+		lk, err := link.LoadPinnedLink(path, nil)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}

@@ -215,7 +215,10 @@ func (e *env) dial(ns *privtest.Netns, inCgroup bool, req dialRequest) dialResul
 	e.t.Helper()
 	b, _ := json.Marshal(req)
 	cmd := ns.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), helperEnv+"=dial", "DIAL_REQUEST="+string(b))
+	cmd.Env = append(os.Environ(), helperEnv+"=dial", "DIAL_REQUEST="+string(b),
+		// No preemption signals: a blocking connect() interrupted by one
+		// cannot simply be retried.
+		"GODEBUG=asyncpreemptoff=1")
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	stdin, err := cmd.StdinPipe()

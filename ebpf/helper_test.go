@@ -125,6 +125,9 @@ func dialOnce(req dialRequest) (reply, peer string, err error) {
 	b := make([]byte, 256)
 	for {
 		k, err := unix.Read(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
 		if k > 0 {
 			buf = append(buf, b[:k]...)
 		}
@@ -166,3 +169,5 @@ func helperAgent() int {
 	<-errc
 	return 0
 }
+
+func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
