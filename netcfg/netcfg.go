@@ -8,8 +8,9 @@
 // of the change). A dump the kernel flags as interrupted is redone; a subscription
 // whose socket fails (for example ENOBUFS after an event storm) is re-established with
 // backoff, and its initial dump re-reads everything that may have been missed.
-// Only state without a netlink event source — sysfs driver binding and vpp-manager's
-// info file — is re-read on a timer, and only while the verdict depends on it.
+// vpp-manager's info file is watched with inotify. Only sysfs driver binding, which
+// has no event a container can watch, is re-read on a timer, and only while the
+// verdict depends on it.
 package netcfg
 
 import (
@@ -138,12 +139,12 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer, rep health.R
 }
 
 // Update applies new options live: the next evaluation, triggered now, uses them.
-// A different NetnsPath needs a new subscription and returns health.ErrNeedsRestart
-// (the new options are kept for the restarted Run).
+// A different NetnsPath or HostRoot needs new subscriptions or file watches and returns
+// health.ErrNeedsRestart (the new options are kept for the restarted Run).
 func (u *Uplink) Update(opts Options) error {
 	opts = opts.withDefaults()
 	u.mu.Lock()
-	restart := opts.NetnsPath != u.opts.NetnsPath
+	restart := opts.NetnsPath != u.opts.NetnsPath || opts.HostRoot != u.opts.HostRoot
 	u.opts = opts
 	u.mu.Unlock()
 	u.trigger()
@@ -205,6 +206,12 @@ func (u *Uplink) Run(ctx context.Context) error {
 		}
 		wg.Go(func() { w.run(ctx, ch) })
 	}
+
+	wg.Go(func() {
+		if err := watchVPPDir(ctx, opts.HostRoot, u.trigger); err != nil {
+			u.log.Warn("watch vpp-manager's info file; re-reading it periodically instead", "error", err)
+		}
+	})
 
 	var debounce, resync <-chan time.Time
 	first := true // report once at start even if unchanged since a previous Run

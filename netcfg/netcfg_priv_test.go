@@ -269,16 +269,9 @@ func TestHealthyDetailQueues(t *testing.T) {
 	t.Fatalf("got %+v; want OK %q", got, want)
 }
 
-func writeVPPInfo(t *testing.T, root, status string) {
-	t.Helper()
-	dir := filepath.Join(root, "var/run/vpp")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	body := `{"Status": "` + status + `", "UplinkStatuses": {"eth1": {"SwIfIndex": 1, "Name": "eth1", "IsMain": true, "Mtu": 1500}}}`
-	if err := os.WriteFile(filepath.Join(dir, "vppmanagerinfofile"), []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
+// vppInfo is vpp-manager's info file as it writes it.
+func vppInfo(status string) string {
+	return `{"Status": "` + status + `", "UplinkStatuses": {"eth1": {"SwIfIndex": 1, "Name": "eth1", "IsMain": true, "Mtu": 1500}}}`
 }
 
 func addTap(t *testing.T, ns *privtest.Netns, name string) {
@@ -302,9 +295,10 @@ func TestTakenOverByVPP(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ns := privtest.NewNetns(t)
-			root := t.TempDir()
+			host := newFakeHost(t)
+			root := host.root
 			if tt.status != "" {
-				writeVPPInfo(t, root, tt.status)
+				host.file("/var/run/vpp/vppmanagerinfofile", vppInfo(tt.status))
 			}
 			rec := health.NewRecorder()
 			u, err := New(Options{Interface: "eth1", HostRoot: root, NetnsPath: ns.Path}, testLog(t), prometheus.NewRegistry(), rec)
@@ -547,5 +541,104 @@ func TestRunFailsOnMissingNamespace(t *testing.T) {
 	}
 	if err := u.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "open network namespace") {
 		t.Errorf("Run got %v; want an error opening the namespace", err)
+	}
+}
+
+// The whole life of an uplink under Calico-VPP, with the NIC's sysfs on a temp tree and
+// its netdev a veth in a throwaway namespace: a healthy NIC (PCI, driver and NUMA node
+// from sysfs), VPP binds it to vfio-pci and removes it, creates the tap, and finally
+// vpp-manager writes "ready" (seen through inotify, not a timer).
+func TestVPPTakeoverLifecycle(t *testing.T) {
+	ns := privtest.NewNetns(t)
+	peerNS := privtest.NewNetns(t)
+	h := nsHandle(t, ns)
+	host := newFakeHost(t)
+	host.virtioNIC("eth1", "0000:00:05.0", "virtio3", "1")
+	host.pciFunc("0000:00:06.0", "0x020000", "0", "vfio-pci") // another NIC, passed through for something else
+	host.symlink("/var/run", "/run")
+	host.dir("/run")
+
+	addVeth(t, h, "eth1", "peer1", peerNS)
+	eth1 := mustLink(t, h, "eth1")
+	for _, err := range []error{
+		h.AddrAdd(eth1, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 0, 0, 7), Mask: net.CIDRMask(24, 32)}}),
+		h.LinkSetUp(eth1),
+		nsHandle(t, peerNS).LinkSetUp(mustLink(t, nsHandle(t, peerNS), "peer1")),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	rec := health.NewRecorder()
+	u, err := New(Options{Interface: "eth1", NodeIP: netip.MustParseAddr("10.0.0.7"), HostRoot: host.root, NetnsPath: ns.Path},
+		testLog(t), prometheus.NewRegistry(), rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := u.NUMANode(); ok {
+		t.Errorf("NUMANode before Run got known; want unknown")
+	}
+	running(t, u)
+
+	wait := func(step string, ok bool, detail string) {
+		t.Helper()
+		got, seen := rec.WaitFor(health.Uplink, seenWithin, func(r health.Result) bool {
+			if prefix, cut := strings.CutSuffix(detail, "…"); cut {
+				return r.OK == ok && strings.HasPrefix(r.Detail, prefix)
+			}
+			return r.OK == ok && r.Detail == detail
+		})
+		if !seen {
+			t.Fatalf("%s: got %+v; want OK=%v %q", step, got, ok, detail)
+		}
+	}
+	// The veth comes up asynchronously; the NIC's device details come from sysfs.
+	got, ok := rec.WaitFor(health.Uplink, 5*time.Second, func(r health.Result) bool { return r.OK })
+	if !ok || !strings.HasSuffix(got.Detail, "pci 0000:00:05.0 driver virtio_net, numa 1, 1/1 queues") && !strings.Contains(got.Detail, "pci 0000:00:05.0 driver virtio_net, numa 1, ") {
+		t.Fatalf("healthy NIC: got %+v; want pci 0000:00:05.0 driver virtio_net, numa 1", got)
+	}
+	if n, ok := u.NUMANode(); n != 1 || !ok {
+		t.Errorf("NUMANode got %d, %v; want 1, true", n, ok)
+	}
+
+	// VPP unbinds the NIC from virtio-pci, binds it to vfio-pci: the netdev disappears.
+	dev := "/sys/devices/pci0000:00/0000:00:05.0"
+	for _, p := range []string{"/sys/class/net/eth1", dev + "/driver", "/sys/bus/pci/drivers/virtio-pci/0000:00:05.0"} {
+		if err := os.Remove(filepath.Join(host.root, p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	host.symlink(dev+"/driver", "../../../bus/pci/drivers/vfio-pci")
+	host.symlink("/sys/bus/pci/drivers/vfio-pci/0000:00:05.0", "../../../../devices/pci0000:00/0000:00:05.0")
+	if err := h.LinkDel(eth1); err != nil {
+		t.Fatal(err)
+	}
+	wait("bound to vfio-pci", false, "eth1 not in the host namespace: pci 0000:00:05.0 bound to vfio-pci (VPP owns it, or a crashed VPP left it there)")
+
+	// vpp-manager creates the tap with the uplink's name before it is ready.
+	host.file("/run/vpp/vppmanagerinfofile", vppInfo("starting"))
+	addTap(t, ns, "eth1")
+	wait("tap, starting", false, "eth1 is a tap but vppmanagerinfofile: starting (VPP not ready, or a crashed VPP left the tap)")
+
+	// Written as vpp-manager does: a new file renamed over the old one would be
+	// IN_MOVED_TO; os.WriteFile truncates and writes in place (IN_CLOSE_WRITE).
+	host.file("/run/vpp/vppmanagerinfofile", vppInfo("ready"))
+	wait("ready", true, "eth1 taken over by VPP (tap, vppmanagerinfofile: ready)")
+	if _, ok := u.NUMANode(); ok {
+		t.Errorf("NUMANode after takeover got known; want unknown (the tap has no device)")
+	}
+}
+
+func TestRunCancelledAtStart(t *testing.T) {
+	ns := privtest.NewNetns(t)
+	u, err := New(Options{HostRoot: t.TempDir(), NetnsPath: ns.Path}, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), health.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := u.Run(ctx); err != nil {
+		t.Errorf("Run with a cancelled context got %v; want nil", err)
 	}
 }
