@@ -12,11 +12,11 @@
 //     Options.PodRedirect, or is left alone and counted when that is unset. The
 //     dialled destination is remembered by socket cookie.
 //   - sockops (kernel 4.13; state callback 4.16): when a steered connection is
-//     established, the original destination is stored under its 4-tuple, which is
-//     what the proxy sees on the accepted socket (peer, local). Both entries are
-//     deleted when the client socket reaches TCP_CLOSE, however the connection
-//     ends; the maps are LRU only as a safety net (for a connect() that fails
-//     before the TCP handshake starts).
+//     established, the original destination is stored under the client's address
+//     and port, which is the peer address the proxy sees on the accepted socket
+//     (Steering.OriginalDst). Both entries are deleted when the client socket
+//     reaches TCP_CLOSE, however the connection ends; the maps are LRU only as
+//     a safety net (for a connect() that fails before the TCP handshake starts).
 //   - cgroup/getpeername4, cgroup/getpeername6 (kernel 5.8): the workload sees
 //     the address it dialled, not the proxy's.
 //

@@ -124,11 +124,10 @@ func (e *env) serveDirect(c net.Conn) {
 func (e *env) serveProxy(c net.Conn) {
 	e.proxyd.Add(1)
 	peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
 	var orig netip.AddrPort
 	ok := false
 	if s := e.steer.Load(); s != nil {
-		orig, ok = s.OriginalDst(peer, local)
+		orig, ok = s.OriginalDst(peer)
 	}
 	if !ok {
 		e.missed.Add(1)

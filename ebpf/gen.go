@@ -11,4 +11,4 @@ package ebpf
 // programs only touch UAPI context structs (bpf_sock_addr, bpf_sock_ops), which
 // are stable, so CO-RE buys nothing here.
 
-//go:generate go tool bpf2go -cc clang -strip llvm-strip -target bpfel -go-package ebpf -type addr_port -type orig_dst -type tuple -type config -type target steer bpf/steer.c -- -O2 -g -Wall -Werror -Ibpf/include
+//go:generate go tool bpf2go -cc clang -strip llvm-strip -target bpfel -go-package ebpf -type addr_port -type orig_dst -type config -type target steer bpf/steer.c -- -O2 -g -Wall -Werror -Ibpf/include

@@ -40,13 +40,8 @@ func interceptKey(i Intercept) steerAddrPort {
 	return steerAddrPort{Addr: addrWords(i.Addr), Port: i.Port}
 }
 
-func tupleKey(client, server netip.AddrPort) steerTuple {
-	return steerTuple{
-		Client:     addrWords(client.Addr()),
-		Server:     addrWords(server.Addr()),
-		ClientPort: client.Port(),
-		ServerPort: server.Port(),
-	}
+func clientKey(client netip.AddrPort) steerAddrPort {
+	return steerAddrPort{Addr: addrWords(client.Addr()), Port: client.Port()}
 }
 
 func target(ap netip.AddrPort) steerTarget {

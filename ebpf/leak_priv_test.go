@@ -38,20 +38,20 @@ func TestNoLeak(t *testing.T) {
 		s.mu.Lock()
 		entries = mapEntries(s.cur)
 		s.mu.Unlock()
-		if entries["orig_by_cookie"] == 0 && entries["orig_by_tuple"] == 0 || time.Now().After(deadline) {
+		if entries["orig_by_cookie"] == 0 && entries["orig_by_client"] == 0 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if entries["orig_by_cookie"] != 0 || entries["orig_by_tuple"] != 0 {
-		t.Errorf("entries after %d connections: got orig_by_cookie=%d orig_by_tuple=%d; want 0 and 0",
-			n, entries["orig_by_cookie"], entries["orig_by_tuple"])
+	if entries["orig_by_cookie"] != 0 || entries["orig_by_client"] != 0 {
+		t.Errorf("entries after %d connections: got orig_by_cookie=%d orig_by_client=%d; want 0 and 0",
+			n, entries["orig_by_cookie"], entries["orig_by_client"])
 	}
 	if got := metricValue(t, reg, "nodeagent_steering_redirects_total", map[string]string{"family": "ipv4"}); got < float64(n) {
 		t.Errorf("nodeagent_steering_redirects_total{family=ipv4}: got %v; want >= %d", got, n)
 	}
-	if got := metricValue(t, reg, "nodeagent_steering_map_entries", map[string]string{"map": "orig_by_tuple"}); got != 0 {
-		t.Errorf("nodeagent_steering_map_entries{map=orig_by_tuple}: got %v; want 0", got)
+	if got := metricValue(t, reg, "nodeagent_steering_map_entries", map[string]string{"map": "orig_by_client"}); got != 0 {
+		t.Errorf("nodeagent_steering_map_entries{map=orig_by_client}: got %v; want 0", got)
 	}
 	if got := metricValue(t, reg, "nodeagent_steering_errors_total", nil); got != 0 {
 		t.Errorf("nodeagent_steering_errors_total: got %v; want 0", got)

@@ -119,15 +119,15 @@ func TestCrashRestartCleanup(t *testing.T) {
 
 	// The killed agent's programs stay attached through their pinned links.
 	wantAttachments(t, e.cgroup, 1)
-	mapID := pinnedMapID(t, filepath.Join(mapsDir(e.bpffs), "orig_by_tuple"))
+	mapID := pinnedMapID(t, filepath.Join(mapsDir(e.bpffs), "orig_by_client"))
 	if res := e.dial(e.host, true, dialRequest{Addr: "169.254.1.9:80"}); !strings.HasPrefix(res.Reply, "proxy none") {
 		t.Errorf("stale intercept while the agent is dead: got reply %q err %q; want proxy none", res.Reply, res.Err)
 	}
 
 	s, _, _, stop := e.start(opts)
 	wantAttachments(t, e.cgroup, 1)
-	if got := pinnedMapID(t, filepath.Join(mapsDir(e.bpffs), "orig_by_tuple")); got != mapID {
-		t.Errorf("orig_by_tuple map after restart: got id %d; want reused id %d", got, mapID)
+	if got := pinnedMapID(t, filepath.Join(mapsDir(e.bpffs), "orig_by_client")); got != mapID {
+		t.Errorf("orig_by_client map after restart: got id %d; want reused id %d", got, mapID)
 	}
 	if res := e.dial(e.host, true, dialRequest{Addr: "169.254.1.2:80"}); res.Reply != "proxy 169.254.1.2:80 | direct 169.254.1.2:80" {
 		t.Errorf("after restart: got reply %q err %q", res.Reply, res.Err)

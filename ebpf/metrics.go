@@ -22,7 +22,7 @@ type collector struct {
 	last [counterMax]uint64 // counter values last read, kept while detached
 }
 
-var entryMaps = []string{"intercepts", "orig_by_cookie", "orig_by_tuple"}
+var entryMaps = []string{"intercepts", "orig_by_cookie", "orig_by_client"}
 
 func newCollector(s *Steering) *collector {
 	return &collector{
@@ -67,7 +67,7 @@ func (c *collector) snapshot(l *loaded) [counterMax]uint64 {
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	c.s.mu.Lock()
+	c.s.mu.RLock()
 	l := c.s.cur
 	var v [counterMax]uint64
 	entries := map[string]int{}
@@ -79,7 +79,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		v = c.last
 		c.mu.Unlock()
 	}
-	c.s.mu.Unlock()
+	c.s.mu.RUnlock()
 
 	ch <- prometheus.MustNewConstMetric(c.redirects, prometheus.CounterValue, float64(v[counterRedirectIPv4]), "ipv4")
 	ch <- prometheus.MustNewConstMetric(c.redirects, prometheus.CounterValue, float64(v[counterRedirectIPv6]), "ipv6")

@@ -47,22 +47,14 @@ type steerTarget struct {
 	Pad   uint8
 }
 
-type steerTuple struct {
-	_          structs.HostLayout
-	Client     [4]uint32
-	Server     [4]uint32
-	ClientPort uint16
-	ServerPort uint16
-}
-
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	steerMapCounters           = "counters"
 	steerMapIntercepts         = "intercepts"
+	steerMapOrigByClient       = "orig_by_client"
 	steerMapOrigByCookie       = "orig_by_cookie"
-	steerMapOrigByTuple        = "orig_by_tuple"
 	steerMapSteerConfig        = "steer_config"
 	steerProgSteerConnect4     = "steer_connect4"
 	steerProgSteerConnect6     = "steer_connect6"
@@ -126,8 +118,8 @@ type steerProgramSpecs struct {
 type steerMapSpecs struct {
 	Counters     *ebpf.MapSpec `ebpf:"counters"`
 	Intercepts   *ebpf.MapSpec `ebpf:"intercepts"`
+	OrigByClient *ebpf.MapSpec `ebpf:"orig_by_client"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	SteerConfig  *ebpf.MapSpec `ebpf:"steer_config"`
 }
 
@@ -159,8 +151,8 @@ func (o *steerObjects) Close() error {
 type steerMaps struct {
 	Counters     *ebpf.Map `ebpf:"counters"`
 	Intercepts   *ebpf.Map `ebpf:"intercepts"`
+	OrigByClient *ebpf.Map `ebpf:"orig_by_client"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
 	SteerConfig  *ebpf.Map `ebpf:"steer_config"`
 }
 
@@ -168,8 +160,8 @@ func (m *steerMaps) Close() error {
 	return _SteerClose(
 		m.Counters,
 		m.Intercepts,
+		m.OrigByClient,
 		m.OrigByCookie,
-		m.OrigByTuple,
 		m.SteerConfig,
 	)
 }

@@ -23,7 +23,9 @@ type Steering struct {
 	log *slog.Logger
 	rep health.Reporter
 
-	mu   sync.Mutex
+	// mu guards opts and cur; readers of the maps (OriginalDst, metrics) hold
+	// it shared, so the objects are not closed under them.
+	mu   sync.RWMutex
 	opts Options
 	cur  *loaded // nil unless Run has the programs attached
 
@@ -210,18 +212,20 @@ func (s *Steering) Update(opts Options) error {
 }
 
 // OriginalDst returns the destination the client dialled for a connection the
-// proxy accepted, given the accepted socket's peer (the client) and local
-// address. It is found while the client's socket is open; false when the
-// connection was not steered, or has closed already.
-func (s *Steering) OriginalDst(peer, local netip.AddrPort) (netip.AddrPort, bool) {
-	s.mu.Lock()
+// proxy accepted, given the accepted socket's peer address (the client's
+// address and port; IPv4 and IPv4-mapped IPv6 spellings are the same). It is
+// found while the client's socket is open; false when the connection was not
+// steered, or has closed already. It has the signature of the proxy's
+// OriginalDst interface.
+func (s *Steering) OriginalDst(client netip.AddrPort) (netip.AddrPort, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
 	l := s.cur
-	s.mu.Unlock()
 	if l == nil {
 		return netip.AddrPort{}, false
 	}
 	var o steerOrigDst
-	if err := l.objs.OrigByTuple.Lookup(tupleKey(peer, local), &o); err != nil {
+	if err := l.objs.OrigByClient.Lookup(clientKey(client), &o); err != nil {
 		return netip.AddrPort{}, false
 	}
 	return origAddr(o), true
@@ -245,8 +249,8 @@ func status(l *loaded) health.Result {
 		}
 	}
 	n := mapEntries(l)
-	detail := fmt.Sprintf("%d programs attached to %s; entries: intercepts=%d orig_by_cookie=%d orig_by_tuple=%d",
-		len(hooks)-len(missing), l.cgroup, n["intercepts"], n["orig_by_cookie"], n["orig_by_tuple"])
+	detail := fmt.Sprintf("%d programs attached to %s; entries: intercepts=%d orig_by_cookie=%d orig_by_client=%d",
+		len(hooks)-len(missing), l.cgroup, n["intercepts"], n["orig_by_cookie"], n["orig_by_client"])
 	if len(missing) > 0 {
 		return health.Result{Name: health.Steering, OK: false, Detail: "not attached: " + strings.Join(missing, ", ") + "; " + detail}
 	}
@@ -259,7 +263,7 @@ func mapEntries(l *loaded) map[string]int {
 	for name, m := range map[string]*ebpf.Map{
 		"intercepts":     l.objs.Intercepts,
 		"orig_by_cookie": l.objs.OrigByCookie,
-		"orig_by_tuple":  l.objs.OrigByTuple,
+		"orig_by_client": l.objs.OrigByClient,
 	} {
 		out[name] = countKeys(m)
 	}

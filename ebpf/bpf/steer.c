@@ -6,9 +6,9 @@
  *   destination (IP:port, else IP with any port) is rewritten to the proxy;
  *   the destination the workload dialled is remembered by socket cookie.
  * sockops: when such a connection is established, the original destination is
- *   also stored under the connection's 4-tuple, which is what the proxy sees on
- *   the accepted socket; both entries are deleted when the socket reaches
- *   TCP_CLOSE (state callback), so nothing leaks.
+ *   also stored under the client's address and port, which is the peer address
+ *   the proxy sees on the accepted socket; both entries are deleted when the
+ *   socket reaches TCP_CLOSE (state callback), so nothing leaks.
  * cgroup/getpeername4, cgroup/getpeername6: the workload sees the address it
  *   dialled, not the proxy's.
  *
@@ -34,7 +34,7 @@ struct addr_port {
 	__u16 pad;
 };
 
-/* Value of orig_by_cookie and orig_by_tuple: the destination the workload
+/* Value of orig_by_cookie and orig_by_client: the destination the workload
  * dialled. family is 4 when the dialled address was IPv4 (plain or mapped). */
 struct orig_dst {
 	__u32 addr[4];
@@ -43,14 +43,6 @@ struct orig_dst {
 	__u8 pad;
 };
 
-/* Key of orig_by_tuple: the connection as the client sees it, which is the
- * accepted socket's (peer, local) pair on the proxy side. */
-struct tuple {
-	__u32 client[4];
-	__u32 server[4];
-	__u16 client_port;
-	__u16 server_port;
-};
 
 struct target {
 	__u32 addr[4];
@@ -106,13 +98,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } orig_by_cookie SEC(".maps");
 
+/* Keyed by the client's address and port: the accepted socket's peer. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct tuple);
+	__type(key, struct addr_port);
 	__type(value, struct orig_dst);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} orig_by_tuple SEC(".maps");
+} orig_by_client SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -310,50 +303,38 @@ int steer_getpeername6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-/* Every context field is read unconditionally and the family picks between
- * values: otherwise clang selects between two context fields through a
- * computed pointer, which the verifier rejects for context accesses. */
-static __always_inline void sock_tuple(const struct bpf_sock_ops *skops, struct tuple *k)
+/* The client end of the connection. Every context field is read
+ * unconditionally and the family picks between values: otherwise clang selects
+ * between two context fields through a computed pointer, which the verifier
+ * rejects for context accesses. */
+static __always_inline void sock_client(const struct bpf_sock_ops *skops, struct addr_port *k)
 {
 	__u32 family = skops->family;
 	__u32 local4 = skops->local_ip4;
-	__u32 remote4 = skops->remote_ip4;
-	__u32 local6[4], remote6[4];
+	__u32 local6[4];
 	int v4;
 
 	local6[0] = skops->local_ip6[0];
 	local6[1] = skops->local_ip6[1];
 	local6[2] = skops->local_ip6[2];
 	local6[3] = skops->local_ip6[3];
-	remote6[0] = skops->remote_ip6[0];
-	remote6[1] = skops->remote_ip6[1];
-	remote6[2] = skops->remote_ip6[2];
-	remote6[3] = skops->remote_ip6[3];
 	/* Pin each value in a register so the loads cannot become one load
 	 * through a selected pointer. */
-	asm volatile("" : "+r"(local4), "+r"(remote4));
-	asm volatile("" : "+r"(local6[3]), "+r"(remote6[3]));
-	asm volatile("" : "+r"(local6[2]), "+r"(remote6[2]));
-	asm volatile("" : "+r"(local6[1]), "+r"(remote6[1]));
-	asm volatile("" : "+r"(local6[0]), "+r"(remote6[0]));
+	asm volatile("" : "+r"(local4), "+r"(local6[3]));
+	asm volatile("" : "+r"(local6[0]), "+r"(local6[1]), "+r"(local6[2]));
 	v4 = family == AF_INET;
 
-	k->client[0] = v4 ? 0 : local6[0];
-	k->client[1] = v4 ? 0 : local6[1];
-	k->client[2] = v4 ? bpf_htonl(0x0000ffff) : local6[2];
-	k->client[3] = v4 ? local4 : local6[3];
-	k->server[0] = v4 ? 0 : remote6[0];
-	k->server[1] = v4 ? 0 : remote6[1];
-	k->server[2] = v4 ? bpf_htonl(0x0000ffff) : remote6[2];
-	k->server[3] = v4 ? remote4 : remote6[3];
-	k->client_port = (__u16)skops->local_port;
-	k->server_port = (__u16)bpf_ntohl(skops->remote_port);
+	k->addr[0] = v4 ? 0 : local6[0];
+	k->addr[1] = v4 ? 0 : local6[1];
+	k->addr[2] = v4 ? bpf_htonl(0x0000ffff) : local6[2];
+	k->addr[3] = v4 ? local4 : local6[3];
+	k->port = (__u16)skops->local_port;
 }
 
 SEC("sockops")
 int steer_sockops(struct bpf_sock_ops *skops)
 {
-	struct tuple k = {};
+	struct addr_port k = {};
 	struct orig_dst *o;
 	__u64 cookie;
 
@@ -371,8 +352,8 @@ int steer_sockops(struct bpf_sock_ops *skops)
 		o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 		if (!o)
 			break;
-		sock_tuple(skops, &k);
-		if (bpf_map_update_elem(&orig_by_tuple, &k, o, BPF_ANY))
+		sock_client(skops, &k);
+		if (bpf_map_update_elem(&orig_by_client, &k, o, BPF_ANY))
 			count(COUNTER_ERRORS);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
@@ -381,8 +362,8 @@ int steer_sockops(struct bpf_sock_ops *skops)
 		cookie = bpf_get_socket_cookie(skops);
 		if (bpf_map_delete_elem(&orig_by_cookie, &cookie))
 			break;
-		sock_tuple(skops, &k);
-		bpf_map_delete_elem(&orig_by_tuple, &k);
+		sock_client(skops, &k);
+		bpf_map_delete_elem(&orig_by_client, &k);
 		break;
 	}
 	return 1;
