@@ -5,7 +5,28 @@
 // block, written atomically), and verifies what the kernel really did; in check mode, and
 // in the one-shot Check, it only verifies and changes nothing.
 //
-// Every host path is taken under Options.HostRoot.
+// Every host path is taken under Options.HostRoot, and cleaned first so that ".." never
+// leads out of it.
+//
+// Choices worth knowing:
+//
+//   - The 2 MiB pool is set through /sys/kernel/mm/hugepages/hugepages-2048kB, never
+//     vm.nr_hugepages, which sizes the default pool (1 GiB on some nodes). It is persisted
+//     as `vm.nr_hugepages = N` only when the default size is 2 MiB; otherwise the check
+//     says that the kernel command line (`hugepagesz=2M hugepages=N`) is the only way.
+//     A larger pool is kept, and persisted, unless AllowShrink.
+//   - When the kernel allocates fewer pages than asked, memory is compacted once and the
+//     pool asked for again; the check fails with the numbers and Run retries with backoff.
+//   - Persistence problems (a read-only or symlinked file, a wrong key in check mode) are
+//     warnings in the check's detail: the check's OK says whether the node can run VPP now.
+//   - A module that fails to load is not written to modules_file: it would fail every boot.
+//     The file spells vfio-pci as vfio_pci on the RHEL family (ID/ID_LIKE in os-release),
+//     as their guides do; kmod treats both spellings alike.
+//   - Files are shared with the operator: only the block between "# BEGIN nodeagent" and
+//     "# END nodeagent" is nodeagent's; foreign lines that would mislead (the ignored key
+//     vm_nr.hugepages, a conflicting vm.nr_hugepages) are commented out, never deleted.
+//   - vfio no-IOMMU mode is turned on only with AllowNoIOMMU, and not persisted.
+//   - bpffs is reported as the extra check CheckBPFFS when Options.BPFFS is set.
 package hostprep
 
 import (

@@ -158,9 +158,9 @@ func (p *pass) hugepages() health.Result {
 		res.Detail = err.Error()
 		return res
 	}
-	if int64(want)*pageKB > s.memTotalKB {
+	if int64(want) > s.memTotalKB/pageKB { // divided, not multiplied: no overflow
 		res.Detail = fmt.Sprintf("hugepages.count %d (%d MiB) is more than the node's memory (MemTotal %d MiB): nothing applied; pool has %d",
-			want, int64(want)*2, s.memTotalKB/1024, s.total)
+			want, uint64(want)*2, s.memTotalKB/1024, s.total)
 		p.m.setPool(s)
 		return res
 	}

@@ -74,6 +74,10 @@ func TestHugepagesApply(t *testing.T) {
 			wantPool: "0", wantNoW: true, wantInDet: []string{"hugepages.count 1000 (2000 MiB) is more than the node's memory (MemTotal 1024 MiB)"},
 		},
 		{
+			name: "count that overflows a byte size", mut: func(o *Options) { o.Hugepages.Count = 1 << 62 },
+			wantPool: "0", wantNoW: true, wantInDet: []string{"hugepages.count 4611686018427387904 (9223372036854775808 MiB) is more than the node's memory"},
+		},
+		{
 			name: "missing sysfs pool", cfg: fakehost.Config{No2MPool: true},
 			wantNoW: true, wantInDet: []string{"no 2MiB hugepage pool on this kernel"},
 		},

@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -69,11 +68,13 @@ func TestPrivilegedHugepagePool(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	began := time.Now()
 	start(t, h)
 	res, ok := rec.WaitFor(health.Hugepages, 20*time.Second, func(r health.Result) bool { return r.OK })
 	if !ok {
 		t.Fatalf("hugepages %+v; want ok with %d pages", res, want)
 	}
+	t.Logf("pool %d -> %d reported ok after %v: %s", orig, want, time.Since(began), res.Detail)
 	if got, _ := readInt(realPool); got != want {
 		t.Errorf("%s = %d; want %d", realPool, got, want)
 	}
@@ -133,7 +134,10 @@ func TestPrivilegedModprobeChroot(t *testing.T) {
 	privtest.Root(t)
 	h := fakehost.New(t, fakehost.Config{OSID: "centos", OSIDLike: "rhel fedora", IOMMUGroups: 1})
 	h.Put("fake-host-root", "")
-	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	goBin, err := exec.LookPath("go") // go test puts its GOROOT/bin first on PATH
+	if err != nil {
+		t.Fatalf("find the go command to build the fake modprobe: %v", err)
+	}
 	build := exec.Command(goBin, "build", "-o", filepath.Join(h.Root, "usr/sbin/modprobe"), "./testdata/fakemodprobe")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
