@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,9 +41,12 @@ const (
 	// delay runs from the first event of a burst and is not extended by later ones,
 	// so a change is reflected within debounceDelay plus one evaluation.
 	debounceDelay = 75 * time.Millisecond
-	// waitingResync re-reads sysfs and vpp-manager's info file while the verdict
-	// depends on them (they have no netlink event).
-	waitingResync = 5 * time.Second
+	// While the verdict depends on sysfs driver binding (no event source), it is
+	// re-read after minWaitingResync, then less and less often up to
+	// maxWaitingResync; any netlink event starts again from the minimum, since a NIC
+	// leaving netlink is bound to vfio-pci only just after.
+	minWaitingResync = time.Second
+	maxWaitingResync = time.Minute
 	// interruptedResync re-lists soon when a dump stayed interrupted after retries.
 	interruptedResync = 200 * time.Millisecond
 	// netlinkTimeout bounds each netlink request of a re-evaluation.
@@ -99,7 +103,8 @@ type Uplink struct {
 	mtuGauge prometheus.Gauge
 	changes  prometheus.Counter
 
-	kick chan struct{} // buffered(1): "re-evaluate soon"
+	kick        chan struct{} // buffered(1): "re-evaluate soon"
+	evaluations atomic.Int64  // snapshots taken by Run, for tests of the debounce
 
 	mu      sync.Mutex
 	opts    Options
@@ -214,18 +219,23 @@ func (u *Uplink) Run(ctx context.Context) error {
 	})
 
 	var debounce, resync <-chan time.Time
+	waitingDelay := minWaitingResync
 	first := true // report once at start even if unchanged since a previous Run
 	evaluateNow := func() error {
 		v, interrupted, err := u.evaluate(h, first)
 		first = false
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
 			return err
 		}
 		switch {
 		case interrupted:
 			resync = time.After(interruptedResync)
 		case v.waiting:
-			resync = time.After(waitingResync)
+			resync = time.After(waitingDelay)
+			waitingDelay = min(2*waitingDelay, maxWaitingResync)
 		default:
 			resync = nil
 		}
@@ -239,6 +249,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-u.kick:
+			waitingDelay = minWaitingResync
 			if debounce == nil {
 				debounce = time.After(debounceDelay)
 			}
@@ -259,6 +270,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 // the result and a log line when it changed.
 func (u *Uplink) evaluate(h *netlink.Handle, report bool) (verdict, bool, error) {
 	opts := u.options()
+	u.evaluations.Add(1)
 	s, err := takeSnapshot(h)
 	if err != nil {
 		err = fmt.Errorf("read uplink %s state: %w", opts.Interface, err)

@@ -191,6 +191,7 @@ func TestWatchTransitions(t *testing.T) {
 		},
 	}
 	for i, st := range steps {
+		start := time.Now()
 		if err := st.action(); err != nil {
 			t.Fatalf("step %q: %v", st.name, err)
 		}
@@ -207,6 +208,7 @@ func TestWatchTransitions(t *testing.T) {
 		if !ok {
 			t.Fatalf("step %q: after %v got %+v; want OK=%v detail %q", st.name, seenWithin, got, st.ok, st.detail)
 		}
+		t.Logf("step %q seen after %v", st.name, time.Since(start).Round(time.Millisecond))
 		if v := metricValue(t, reg, "nodeagent_uplink_up"); v != st.up {
 			t.Errorf("step %q: nodeagent_uplink_up got %v; want %v", st.name, v, st.up)
 		}
@@ -595,7 +597,7 @@ func TestVPPTakeoverLifecycle(t *testing.T) {
 	}
 	// The veth comes up asynchronously; the NIC's device details come from sysfs.
 	got, ok := rec.WaitFor(health.Uplink, 5*time.Second, func(r health.Result) bool { return r.OK })
-	if !ok || !strings.HasSuffix(got.Detail, "pci 0000:00:05.0 driver virtio_net, numa 1, 1/1 queues") && !strings.Contains(got.Detail, "pci 0000:00:05.0 driver virtio_net, numa 1, ") {
+	if want := "eth1: up, carrier, mtu 1500, 10.0.0.7/24 (node address), no default route, pci 0000:00:05.0 driver virtio_net, numa 1, "; !ok || !strings.HasPrefix(got.Detail, want) {
 		t.Fatalf("healthy NIC: got %+v; want pci 0000:00:05.0 driver virtio_net, numa 1", got)
 	}
 	if n, ok := u.NUMANode(); n != 1 || !ok {
@@ -640,5 +642,62 @@ func TestRunCancelledAtStart(t *testing.T) {
 	cancel()
 	if err := u.Run(ctx); err != nil {
 		t.Errorf("Run with a cancelled context got %v; want nil", err)
+	}
+}
+
+// A storm of netlink events is gathered into few evaluations, and the last change of
+// the storm is still reflected within a second.
+func TestEventStormIsDebounced(t *testing.T) {
+	ns := privtest.NewNetns(t)
+	peerNS := privtest.NewNetns(t)
+	h := nsHandle(t, ns)
+	addVeth(t, h, "eth1", "peer1", peerNS)
+	addVeth(t, h, "eth9", "peer9", peerNS)
+	eth1, eth9 := mustLink(t, h, "eth1"), mustLink(t, h, "eth9")
+	if err := h.LinkSetUp(eth9); err != nil {
+		t.Fatal(err)
+	}
+
+	rec := health.NewRecorder()
+	u, err := New(Options{Interface: "eth1", HostRoot: t.TempDir(), NetnsPath: ns.Path}, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	running(t, u)
+	if got, ok := rec.WaitFor(health.Uplink, seenWithin, func(r health.Result) bool {
+		return r.Detail == "eth1: administratively down, no global address"
+	}); !ok {
+		t.Fatalf("got %+v; want eth1 down", got)
+	}
+	time.Sleep(3 * debounceDelay) // let the subscriptions' initial dumps settle
+	before := u.evaluations.Load()
+
+	const n = 300
+	start := time.Now()
+	for i := range n {
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 9, byte(i/250), byte(i%250+1)), Mask: net.CIDRMask(16, 32)}}
+		if err := h.AddrAdd(eth9, addr); err != nil {
+			t.Fatalf("add address %d: %v", i, err)
+		}
+		route := &netlink.Route{LinkIndex: eth9.Attrs().Index, Dst: &net.IPNet{IP: net.IPv4(10, 200, byte(i/250), byte(i%250)), Mask: net.CIDRMask(32, 32)}}
+		if err := h.RouteAdd(route); err != nil {
+			t.Fatalf("add route %d: %v", i, err)
+		}
+	}
+	if err := h.LinkSetMTU(eth1, 1280); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := rec.WaitFor(health.Uplink, seenWithin, func(r health.Result) bool {
+		return r.Detail == "eth1: administratively down, mtu 1280 below uplink.min_mtu 1500, no global address"
+	}); !ok {
+		t.Fatalf("after the storm got %+v; want the MTU change seen", got)
+	}
+	storm := time.Since(start)
+	time.Sleep(3 * debounceDelay)
+	evals := u.evaluations.Load() - before
+	t.Logf("%d address and %d route events over %v: %d evaluations", n, n, storm.Round(time.Millisecond), evals)
+	// One evaluation per debounce window at most, plus the last one.
+	if limit := int64(storm/debounceDelay) + 2; evals > limit {
+		t.Errorf("got %d evaluations for %d events over %v; want at most %d (one per %v window)", evals, 2*n, storm, limit, debounceDelay)
 	}
 }

@@ -43,7 +43,7 @@ func subscribeLinks(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) 
 	if err != nil {
 		return nil, err
 	}
-	return forward(ch), nil
+	return forward(ch, func(netlink.LinkUpdate) bool { return true }), nil
 }
 
 func subscribeAddrs(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
@@ -54,7 +54,7 @@ func subscribeAddrs(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) 
 	if err != nil {
 		return nil, err
 	}
-	return forward(ch), nil
+	return forward(ch, func(netlink.AddrUpdate) bool { return true }), nil
 }
 
 func subscribeRoutes(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
@@ -65,16 +65,20 @@ func subscribeRoutes(ns netns.NsHandle, done <-chan struct{}, onErr func(error))
 	if err != nil {
 		return nil, err
 	}
-	return forward(ch), nil
+	// Only default routes matter; a node adds and removes a route per pod.
+	return forward(ch, func(u netlink.RouteUpdate) bool { return isDefault(u.Route) }), nil
 }
 
-// forward drains in (so netlink's receive goroutine never blocks) and turns its
-// updates into coalesced ticks; it closes the result when in is closed.
-func forward[T any](in <-chan T) <-chan struct{} {
+// forward drains in (so netlink's receive goroutine never blocks) and turns the
+// updates that matter into coalesced ticks; it closes the result when in is closed.
+func forward[T any](in <-chan T, matters func(T) bool) <-chan struct{} {
 	out := make(chan struct{}, 1)
 	go func() {
 		defer close(out)
-		for range in {
+		for upd := range in {
+			if !matters(upd) {
+				continue
+			}
 			select {
 			case out <- struct{}{}:
 			default:
