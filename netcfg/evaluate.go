@@ -144,6 +144,7 @@ func evaluateMissing(opts Options, s *snapshot, rememberedPCI string) verdict {
 			bs = append(bs, fmt.Sprintf("pci %s bound to %s", b.addr, b.driver))
 		}
 		v.pci = bound[0].addr
+		v.numa, v.numaOK = pciNUMA(opts.HostRoot, v.pci) // still in sysfs while vfio-pci holds it
 		v.result.Detail = fmt.Sprintf("%s not in the host namespace: %s (VPP owns it, or a crashed VPP left it there)", name, strings.Join(bs, ", "))
 		if st := readVPPStatus(opts.HostRoot); st.state != "missing" {
 			v.result.Detail += "; vppmanagerinfofile: " + st.String()

@@ -49,7 +49,7 @@ func TestEvaluate(t *testing.T) {
 	vfio := newFakeHost(t)
 	vfio.virtioNIC("eth0", "0000:00:03.0", "virtio0", "0")
 	vfio.pciFunc("0000:00:05.0", "0x020000", "0", "vfio-pci")
-	vfio.pciFunc("0000:00:06.0", "0x020000", "0", "vfio-pci")
+	vfio.pciFunc("0000:00:06.0", "0x020000", "1", "vfio-pci")
 
 	ready := newFakeHost(t)
 	ready.symlink("/var/run", "/run")
@@ -77,17 +77,17 @@ func TestEvaluate(t *testing.T) {
 	}
 
 	tests := []struct {
-		name      string
-		opts      Options
-		snap      *snapshot
-		remember  string
-		ok        bool
-		detail    string
-		mtu       int
-		numaOK    bool
-		waiting   bool
-		wantPCI   string
-		wantNUMA0 bool
+		name     string
+		opts     Options
+		snap     *snapshot
+		remember string
+		ok       bool
+		detail   string
+		mtu      int
+		numaOK   bool
+		waiting  bool
+		wantPCI  string
+		numa     int
 	}{
 		{
 			name: "healthy virtio NIC",
@@ -170,7 +170,7 @@ func TestEvaluate(t *testing.T) {
 			name:    "missing: NICs bound to vfio-pci",
 			opts:    opt(func(o *Options) { o.HostRoot = vfio.root }),
 			snap:    snap([]linkInfo{lo(), nic(2, "eth0", 1500)}, map[int][]string{2: {"10.0.0.7/24"}}, 2),
-			waiting: true, wantPCI: "0000:00:05.0",
+			waiting: true, wantPCI: "0000:00:05.0", numaOK: true,
 			detail: "eth1 not in the host namespace: pci 0000:00:05.0 bound to vfio-pci, pci 0000:00:06.0 bound to vfio-pci (VPP owns it, or a crashed VPP left it there)",
 		},
 		{
@@ -178,14 +178,14 @@ func TestEvaluate(t *testing.T) {
 			opts:     opt(func(o *Options) { o.HostRoot = vfio.root }),
 			snap:     snap([]linkInfo{lo(), nic(2, "eth0", 1500)}, nil),
 			remember: "0000:00:06.0",
-			waiting:  true, wantPCI: "0000:00:06.0",
+			waiting:  true, wantPCI: "0000:00:06.0", numaOK: true, numa: 1,
 			detail: "eth1 not in the host namespace: pci 0000:00:06.0 bound to vfio-pci (VPP owns it, or a crashed VPP left it there)",
 		},
 		{
 			name:    "missing: vfio-pci with vpp-manager still starting",
 			opts:    opt(func(o *Options) { o.HostRoot = starting.root }),
 			snap:    snap([]linkInfo{lo()}, nil),
-			waiting: true, wantPCI: "0000:00:05.0",
+			waiting: true, wantPCI: "0000:00:05.0", numaOK: true,
 			detail: "eth1 not in the host namespace: pci 0000:00:05.0 bound to vfio-pci (VPP owns it, or a crashed VPP left it there); vppmanagerinfofile: starting",
 		},
 		{
@@ -211,9 +211,9 @@ func TestEvaluate(t *testing.T) {
 			if v.result != want {
 				t.Errorf("got %+v\nwant %+v", v.result, want)
 			}
-			if v.up != tt.ok || v.mtu != tt.mtu || v.numaOK != tt.numaOK || v.waiting != tt.waiting || v.pci != tt.wantPCI {
-				t.Errorf("got up=%v mtu=%d numaOK=%v waiting=%v pci=%q; want up=%v mtu=%d numaOK=%v waiting=%v pci=%q",
-					v.up, v.mtu, v.numaOK, v.waiting, v.pci, tt.ok, tt.mtu, tt.numaOK, tt.waiting, tt.wantPCI)
+			if v.up != tt.ok || v.mtu != tt.mtu || v.numa != tt.numa || v.numaOK != tt.numaOK || v.waiting != tt.waiting || v.pci != tt.wantPCI {
+				t.Errorf("got up=%v mtu=%d numa=%d,%v waiting=%v pci=%q; want up=%v mtu=%d numa=%d,%v waiting=%v pci=%q",
+					v.up, v.mtu, v.numa, v.numaOK, v.waiting, v.pci, tt.ok, tt.mtu, tt.numa, tt.numaOK, tt.waiting, tt.wantPCI)
 			}
 		})
 	}

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -80,6 +81,27 @@ type Options struct {
 	NetnsPath string
 }
 
+// Validate reports every problem with o (after defaults), each naming its config key.
+func (o Options) Validate() error {
+	o = o.withDefaults()
+	var errs []error
+	if len(o.Interface) > maxIfNameLen || strings.ContainsAny(o.Interface, "/ \t\n:") || o.Interface == "." || o.Interface == ".." {
+		errs = append(errs, fmt.Errorf("uplink.interface: %q is not a valid interface name (at most %d characters, no '/', ':' or spaces)", o.Interface, maxIfNameLen))
+	}
+	if o.MinMTU < minMTU || o.MinMTU > maxMTU {
+		errs = append(errs, fmt.Errorf("uplink.min_mtu: %d is outside %d..%d", o.MinMTU, minMTU, maxMTU))
+	}
+	return errors.Join(errs...)
+}
+
+// Interface name and MTU bounds, as the kernel enforces them (IFNAMSIZ-1; IPv4's
+// minimum MTU; the largest MTU netlink can express for common links).
+const (
+	maxIfNameLen = 15
+	minMTU       = 68
+	maxMTU       = 65535
+)
+
 func (o Options) withDefaults() Options {
 	if o.Interface == "" {
 		o.Interface = DefaultInterface
@@ -116,6 +138,9 @@ type Uplink struct {
 
 // New returns an Uplink for opts and registers its metrics on reg. It does no I/O.
 func New(opts Options, log *slog.Logger, reg prometheus.Registerer, rep health.Reporter) (*Uplink, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
 	u := &Uplink{
 		log:  log,
 		rep:  rep,
@@ -144,12 +169,19 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer, rep health.R
 }
 
 // Update applies new options live: the next evaluation, triggered now, uses them.
+// Invalid options are refused and the old ones kept.
 // A different NetnsPath or HostRoot needs new subscriptions or file watches and returns
 // health.ErrNeedsRestart (the new options are kept for the restarted Run).
 func (u *Uplink) Update(opts Options) error {
+	if err := opts.Validate(); err != nil {
+		return err
+	}
 	opts = opts.withDefaults()
 	u.mu.Lock()
 	restart := opts.NetnsPath != u.opts.NetnsPath || opts.HostRoot != u.opts.HostRoot
+	if opts.Interface != u.opts.Interface {
+		u.lastPCI, u.numa, u.numaOK = "", 0, false // they described the old interface
+	}
 	u.opts = opts
 	u.mu.Unlock()
 	u.trigger()

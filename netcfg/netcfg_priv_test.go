@@ -617,6 +617,9 @@ func TestVPPTakeoverLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	wait("bound to vfio-pci", false, "eth1 not in the host namespace: pci 0000:00:05.0 bound to vfio-pci (VPP owns it, or a crashed VPP left it there)")
+	if n, ok := u.NUMANode(); n != 1 || !ok {
+		t.Errorf("NUMANode while vfio-pci holds the NIC got %d, %v; want 1, true (from the PCI function)", n, ok)
+	}
 
 	// vpp-manager creates the tap with the uplink's name before it is ready.
 	host.file("/run/vpp/vppmanagerinfofile", vppInfo("starting"))

@@ -122,6 +122,15 @@ func readNUMA(path string) (int, bool) {
 	return n, true
 }
 
+// pciNUMA reads the NUMA node of PCI function addr under root.
+func pciNUMA(root, addr string) (int, bool) {
+	dev, err := resolveIn(root, filepath.Join(sysPCIDevices, addr))
+	if err != nil {
+		return 0, false
+	}
+	return readNUMA(filepath.Join(root, dev, "numa_node"))
+}
+
 // NUMANodeOf returns the NUMA node of the device behind interface ifname, read from
 // /sys/class/net/<ifname>/device under hostRoot, and false when it is unknown (no such
 // interface, a virtual interface, or a machine whose firmware reports no NUMA node).
