@@ -30,6 +30,7 @@ type Steering struct {
 	cur  *loaded // nil unless Run has the programs attached
 
 	metrics *collector
+	probe   func() error // probeKernel; tests swap it
 }
 
 // healthInterval is how often Run re-checks its pins and reports.
@@ -42,7 +43,7 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer, rep health.R
 	if err := opts.validate(); err != nil {
 		return nil, err
 	}
-	s := &Steering{log: log, rep: rep, opts: opts}
+	s := &Steering{log: log, rep: rep, opts: opts, probe: probeKernel}
 	s.metrics = newCollector(s)
 	if reg != nil {
 		if err := reg.Register(s.metrics); err != nil {
@@ -73,7 +74,7 @@ func (s *Steering) Run(ctx context.Context) error {
 		return err
 	}
 
-	if err := probeKernel(); err != nil {
+	if err := s.probe(); err != nil {
 		return fail(err)
 	}
 	cgroup, err := resolveCgroup(opts.HostRoot, opts.Cgroup)
