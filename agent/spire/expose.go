@@ -68,6 +68,19 @@ func within(p, dir string) bool {
 	return strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
 }
 
+// hostRootExists refuses to create anything when the host root itself is missing
+// (a wrong host_root would otherwise grow a fake /run inside the container).
+func hostRootExists(root string) error {
+	fi, err := os.Stat(root)
+	if err != nil {
+		return fmt.Errorf("host_root: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("host_root %s is not a directory", root)
+	}
+	return nil
+}
+
 // ensureDir creates dir (a path as this process sees it) and its missing parents with
 // mode 0755 (whatever the umask), and adds r-x for group and others to an existing dir
 // that lacks them, so non-root workloads can traverse to the socket. It reports whether
@@ -275,4 +288,33 @@ func isEmptyDir(p string) (bool, error) {
 		return false, fmt.Errorf("read %s: %w", p, err)
 	}
 	return true, nil
+}
+
+// unpublish removes an exposure made by publish for options no longer in force (after
+// a reload changed spire.expose_at), touching only what is recognisably its own: a
+// symlink to the socket's name, a bind of the socket directory.
+func unpublish(o Options) error {
+	socket, exposeAt := filepath.Clean(o.Socket), filepath.Clean(o.ExposeAt)
+	sockDir, expDir := filepath.Dir(socket), filepath.Dir(exposeAt)
+	sockBase, expBase := filepath.Base(socket), filepath.Base(exposeAt)
+	var errs []error
+	if expBase != sockBase {
+		link := filepath.Join(o.hostPath(sockDir), expBase)
+		if cur, err := os.Readlink(link); err == nil && cur == sockBase {
+			if err := os.Remove(link); err != nil {
+				errs = append(errs, fmt.Errorf("remove %s: %w", link, err))
+			}
+		}
+	}
+	if sockDir != expDir {
+		dst := o.hostPath(expDir)
+		if same, err := sameFile(dst, o.hostPath(sockDir)); err == nil && same {
+			if root, err := isMountRoot(dst); err == nil && root {
+				if err := unix.Unmount(dst, unix.MNT_DETACH); err != nil {
+					errs = append(errs, fmt.Errorf("unmount %s: %w", dst, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
 }

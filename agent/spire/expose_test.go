@@ -2,6 +2,7 @@ package spire
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nodeagent/nodeagent/agent/health"
 	"github.com/nodeagent/nodeagent/test/privtest"
 )
 
@@ -192,5 +194,59 @@ func TestExposeRefusesNonEmptyDirectory(t *testing.T) {
 	f.waitDetail(false, "is not empty; refusing to hide its contents", 5*time.Second)
 	if _, err := os.Stat(stale); err != nil {
 		t.Errorf("stat %s: %v; want the directory's contents visible, not hidden by a mount", stale, err)
+	}
+}
+
+func TestUpdateExposeAtRemovesPrevious(t *testing.T) {
+	tests := []struct {
+		name       string
+		privileged bool
+		from, to   string
+	}{
+		{"symlink to symlink", false, "/run/spire/agent-sockets/agent.sock", "/run/spire/agent-sockets/other.sock"},
+		{"bind to none", true, "/run/spire/sockets/agent.sock", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.privileged {
+				privtest.Root(t)
+			}
+			f := newFixture(t, func(o *Options) { o.ExposeAt = tc.from })
+			oldDir := f.opts.hostPath(filepath.Dir(tc.from))
+			t.Cleanup(func() { _ = unix.Unmount(oldDir, unix.MNT_DETACH) })
+			f.run()
+			f.waitDetail(false, "socket absent", 5*time.Second)
+			if _, err := os.Lstat(f.opts.hostPath(filepath.Join(filepath.Dir(DefaultSocket), filepath.Base(tc.from)))); err != nil && !tc.privileged {
+				t.Fatalf("exposure of %s missing: %v", tc.from, err)
+			}
+			f.stop()
+
+			o := f.opts
+			o.ExposeAt = tc.to
+			if err := f.sp.Update(o); !errors.Is(err, health.ErrNeedsRestart) {
+				t.Fatalf("Update(expose_at) = %v; want ErrNeedsRestart", err)
+			}
+			f.opts = o
+			f.rec = health.NewRecorder()
+			f.sp.rep = f.rec
+			f.run()
+			f.waitDetail(false, "socket absent", 5*time.Second)
+			oldLink := f.opts.hostPath(filepath.Join(filepath.Dir(DefaultSocket), filepath.Base(tc.from)))
+			if filepath.Base(tc.from) != filepath.Base(DefaultSocket) {
+				if _, err := os.Lstat(oldLink); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("lstat %s: %v; want the previous symlink removed", oldLink, err)
+				}
+			}
+			if filepath.Dir(tc.from) != filepath.Dir(DefaultSocket) {
+				if root, err := isMountRoot(oldDir); err != nil || root {
+					t.Errorf("%s still a mount point (%v, %v); want the previous bind removed", oldDir, root, err)
+				}
+			}
+			if tc.to != "" {
+				if got, err := os.Readlink(f.opts.hostPath(tc.to)); err != nil || got != "api.sock" {
+					t.Errorf("readlink %s: %q, %v; want \"api.sock\"", tc.to, got, err)
+				}
+			}
+		})
 	}
 }

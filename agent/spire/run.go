@@ -27,6 +27,18 @@ const inotifyMask = unix.IN_CREATE | unix.IN_DELETE | unix.IN_MOVED_FROM | unix.
 // The socket directory and the exposure are left in place when Run returns: they are
 // host state workloads rely on across nodeagent restarts.
 func (s *Spire) Run(ctx context.Context) error {
+	cur := s.options()
+	for _, old := range s.takeRetired() {
+		if old.ExposeAt == cur.ExposeAt && old.Socket == cur.Socket && old.HostRoot == cur.HostRoot {
+			continue
+		}
+		if err := unpublish(old); err != nil {
+			s.log.Warn("remove the previous spire.expose_at", "path", old.ExposeAt, "error", err)
+		} else {
+			s.log.Info("removed the previous spire.expose_at", "path", old.ExposeAt)
+		}
+	}
+
 	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("inotify init: %w", err)
@@ -145,7 +157,11 @@ func (r *runner) report(res health.Result) {
 func (r *runner) rescan() {
 	o := r.opts()
 	sockDir := o.hostPath(filepath.Dir(o.Socket))
-	changed, err := ensureDir(sockDir)
+	var changed bool
+	err := hostRootExists(o.HostRoot)
+	if err == nil {
+		changed, err = ensureDir(sockDir)
+	}
 	if changed {
 		r.s.log.Info("made the spire socket directory", "path", sockDir, "mode", "0755")
 	}
@@ -166,14 +182,15 @@ func (r *runner) rescan() {
 		}
 	}
 
+	// Stat, not Lstat: a Socket that is itself a symlink is followed.
 	var sb unix.Stat_t
-	err = unix.Lstat(o.hostPath(o.Socket), &sb)
+	err = unix.Stat(o.hostPath(o.Socket), &sb)
 	switch {
 	case errors.Is(err, unix.ENOENT):
 		r.st.socketPresent, r.st.socketErr = false, nil
 		r.stopSession()
 	case err != nil:
-		r.st.socketPresent, r.st.socketErr = false, fmt.Errorf("lstat: %w", err)
+		r.st.socketPresent, r.st.socketErr = false, fmt.Errorf("stat: %w", err)
 		r.stopSession()
 	case sb.Mode&unix.S_IFMT != unix.S_IFSOCK:
 		r.st.socketPresent, r.st.socketErr = false, fmt.Errorf("is not a socket (%s)", fs.FileMode(sb.Mode).Type())
@@ -296,11 +313,11 @@ func Check(ctx context.Context, opts Options) []health.Result {
 		st.exposeErr = verifyExposed(o)
 	}
 	var sb unix.Stat_t
-	err := unix.Lstat(o.hostPath(o.Socket), &sb)
+	err := unix.Stat(o.hostPath(o.Socket), &sb)
 	switch {
 	case errors.Is(err, unix.ENOENT):
 	case err != nil:
-		st.socketErr = fmt.Errorf("lstat: %w", err)
+		st.socketErr = fmt.Errorf("stat: %w", err)
 	case sb.Mode&unix.S_IFMT != unix.S_IFSOCK:
 		st.socketErr = fmt.Errorf("is not a socket (%s)", fs.FileMode(sb.Mode).Type())
 	default:

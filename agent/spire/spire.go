@@ -100,8 +100,9 @@ type Spire struct {
 	rep health.Reporter
 	m   *metrics
 
-	mu   sync.Mutex
-	opts Options
+	mu      sync.Mutex
+	opts    Options
+	retired []Options // exposures of options replaced by Update, removed at the next Run
 }
 
 // New returns the subsystem; it does no I/O and registers its metrics on reg.
@@ -128,9 +129,21 @@ func (s *Spire) Update(opts Options) error {
 	old := s.opts
 	s.opts = opts
 	if old.HostRoot != opts.HostRoot || old.Socket != opts.Socket || old.ExposeAt != opts.ExposeAt {
+		if old.ExposeAt != "" {
+			s.retired = append(s.retired, old)
+		}
 		return health.ErrNeedsRestart
 	}
 	return nil
+}
+
+// takeRetired returns and forgets the options whose exposure must be removed.
+func (s *Spire) takeRetired() []Options {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.retired
+	s.retired = nil
+	return r
 }
 
 func (s *Spire) options() Options {

@@ -464,3 +464,12 @@ func TestNewRegistersMetricsOnce(t *testing.T) {
 func bundleSet(ca *fakeworkload.CA) *x509bundle.Set {
 	return x509bundle.NewSet(x509bundle.FromX509Authorities(testTD, []*x509.Certificate{ca.Cert()}))
 }
+
+func TestRunMissingHostRoot(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.HostRoot = filepath.Join(o.HostRoot, "missing") })
+	f.run()
+	f.waitDetail(false, "host_root", 5*time.Second)
+	if _, err := os.Stat(f.opts.HostRoot); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stat %s: %v; want it still missing (nothing created under a wrong host_root)", f.opts.HostRoot, err)
+	}
+}
