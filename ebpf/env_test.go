@@ -51,7 +51,7 @@ func testIntercepts() []Intercept {
 // that answers "direct <local>", and a test proxy on the proxy addresses that
 // answers "proxy <original destination> | <what the target said>".
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	cgroup string
 	bpffs  string
 	host   *privtest.Netns
@@ -62,7 +62,7 @@ type env struct {
 	proxyd atomic.Int64 // accepted connections
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	privtest.Root(t)
 	e := &env{t: t, cgroup: newCgroup(t), bpffs: newBPFFS(t), host: privtest.NewNetns(t)}
@@ -202,7 +202,7 @@ func (e *env) start(opts Options) (s *Steering, rec *health.Recorder, reg *prome
 	return s, rec, reg, stop
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
@@ -250,7 +250,7 @@ var cgSeq atomic.Int64
 
 // newCgroup makes an empty cgroup v2 directory under the mount found in
 // /proc/mounts and removes it when the test ends.
-func newCgroup(t *testing.T) string {
+func newCgroup(t testing.TB) string {
 	t.Helper()
 	f, err := os.Open("/proc/mounts")
 	if err != nil {
@@ -280,7 +280,7 @@ func newCgroup(t *testing.T) string {
 }
 
 // newBPFFS mounts a bpf filesystem on a temporary directory.
-func newBPFFS(t *testing.T) string {
+func newBPFFS(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "natest-bpffs-")
 	if err != nil {
