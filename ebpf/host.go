@@ -97,9 +97,13 @@ func isBPFFS(path string) (bool, error) {
 	return st.Type == unix.BPF_FS_MAGIC, nil
 }
 
-// ensureBPFFS makes dir exist on a bpf filesystem. When its nearest existing
-// ancestor is not on one and is an empty directory (as /sys/fs/bpf is on a host
-// where nothing mounted it), a bpf filesystem is mounted there first.
+// sysBPF is where the kernel provides an empty directory for the bpf filesystem.
+const sysBPF = "/sys/fs/bpf"
+
+// ensureBPFFS makes dir exist on a bpf filesystem. When dir is under
+// /sys/fs/bpf and nothing is mounted there yet (a host where systemd did not
+// mount it), a bpf filesystem is mounted on /sys/fs/bpf first, as systemd
+// would. Anywhere else a missing bpf filesystem is an error.
 func ensureBPFFS(dir string) error {
 	dir = filepath.Clean(dir)
 	anc := dir
@@ -120,15 +124,11 @@ func ensureBPFFS(dir string) error {
 		return fmt.Errorf("statfs %s: %w", anc, err)
 	}
 	if !ok {
-		ents, err := os.ReadDir(anc)
-		if err != nil {
-			return fmt.Errorf("read %s: %w", anc, err)
+		if anc != sysBPF {
+			return fmt.Errorf("bpffs %s: %s is not on a bpf filesystem", dir, anc)
 		}
-		if len(ents) != 0 {
-			return fmt.Errorf("bpffs %s: %s is not a bpf filesystem and not an empty directory to mount one on", dir, anc)
-		}
-		if err := unix.Mount("bpf", anc, "bpf", 0, "mode=0700"); err != nil {
-			return fmt.Errorf("mount bpf filesystem on %s: %w", anc, err)
+		if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("mount bpf filesystem on %s: %w", sysBPF, err)
 		}
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {

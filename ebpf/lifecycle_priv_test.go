@@ -2,7 +2,9 @@ package ebpf
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -220,4 +222,37 @@ func linkIDs(t *testing.T, s *Steering) [5]link.ID {
 		ids[i] = info.ID
 	}
 	return ids
+}
+
+// TestRunAgain: Run may be called again on the same Steering after it returned.
+func TestRunAgain(t *testing.T) {
+	e := newEnv(t)
+	s, rec, _, stop := e.start(e.options())
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	wantAttachments(t, e.cgroup, 0)
+	if _, ok := s.OriginalDst(netip.MustParseAddrPort("127.0.0.1:1")); ok {
+		t.Error("OriginalDst after Run returned: got ok; want false")
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-errc; err != nil {
+			t.Errorf("second Run: %v", err)
+		}
+		wantAttachments(t, e.cgroup, 0)
+	}()
+	n := len(rec.History())
+	if res, ok := rec.WaitFor(health.Steering, 20*time.Second, func(r health.Result) bool { return r.OK && len(rec.History()) > n }); !ok {
+		t.Fatalf("second Run: steering check got %+v; want OK", res)
+	}
+	e.steer.Store(s)
+	wantAttachments(t, e.cgroup, 1)
+	if res := e.dial(e.host, true, dialRequest{Addr: "169.254.1.2:80"}); res.Reply != "proxy 169.254.1.2:80 | direct 169.254.1.2:80" {
+		t.Errorf("after second Run: got reply %q err %q", res.Reply, res.Err)
+	}
 }

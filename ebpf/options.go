@@ -17,9 +17,9 @@ type Options struct {
 	// /proc/mounts. A relative path is taken relative to that root.
 	Cgroup string
 	// BPFFS is the directory for pins (steering.bpffs), default
-	// /sys/fs/bpf/nodeagent. When no bpf filesystem is mounted there, one is
-	// mounted at its nearest existing ancestor if that is an empty directory
-	// (normally /sys/fs/bpf).
+	// /sys/fs/bpf/nodeagent; it must be on a bpf filesystem. When it is under
+	// /sys/fs/bpf and nothing is mounted there, Run mounts one there (as
+	// systemd does on most hosts).
 	BPFFS string
 	// HostNetns is the network namespace whose sockets are sent to the proxy's
 	// loopback listener (a path such as /proc/1/ns/net). Empty: the agent's own.
