@@ -81,5 +81,6 @@ func (m *metrics) initMappings(t *table) {
 		for _, res := range mappedResults {
 			m.connections.WithLabelValues(r.key, res)
 		}
+		r.connected = m.connections.WithLabelValues(r.key, resultConnected)
 	}
 }

@@ -248,12 +248,20 @@ func (p *Proxy) listen(ctx context.Context, o Options) ([]net.Listener, []bool, 
 		}
 		return p.hooks.Listeners, make([]bool, len(p.hooks.Listeners)), nil
 	}
+	// Keepalive is set on the listening socket, whose options every accepted
+	// socket inherits; KeepAlive -1 stops Go from setting them again per accept.
 	lc := net.ListenConfig{
-		KeepAliveConfig: keepAlive,
+		KeepAlive: -1,
 		Control: func(network, address string, c syscall.RawConn) error {
 			var serr error
 			if err := c.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+				serr = setSockopts(int(fd), [][3]int{
+					{unix.SOL_SOCKET, unix.SO_REUSEPORT, 1},
+					{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+					{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, int(keepAlive.Idle / time.Second)},
+					{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, int(keepAlive.Interval / time.Second)},
+					{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAlive.Count},
+				})
 			}); err != nil {
 				return err
 			}
@@ -352,8 +360,8 @@ func (p *Proxy) serve(ctx context.Context, nc net.Conn) {
 	accepted := time.Now()
 	cfg := p.cfg.Load()
 	o := cfg.opts
-	client.SetKeepAliveConfig(keepAlive)
-	client.SetNoDelay(true)
+	// TCP_NODELAY is Go's default on every TCP socket; keepalive comes from the
+	// listener (ours: keepAlive; borrowed: Go's default, 15s).
 	clientAddr := addrPortOf(client.RemoteAddr())
 
 	dst, ok := p.hooks.OriginalDst.OriginalDst(clientAddr)
@@ -374,7 +382,7 @@ func (p *Proxy) serve(ctx context.Context, nc net.Conn) {
 		return
 	}
 	p.m.connectDuration.Observe(time.Since(accepted).Seconds())
-	p.m.connections.WithLabelValues(r.key, resultConnected).Inc()
+	r.connected.Inc()
 
 	c := &conn{
 		p: p, client: client, target: target, route: r, routeID: r.id(), ep: ep,
@@ -417,9 +425,12 @@ func (p *Proxy) connect(ctx context.Context, o Options, r *route, dst netip.Addr
 			return nil, nil, resultConnectFailed, errors.New("cluster has no endpoints")
 		}
 		tried[ep] = true
-		rctx, cancel := context.WithTimeout(ctx, o.ConnectTimeout)
-		addr, err := p.dns.resolve(rctx, ep.host)
-		cancel()
+		addr, err := ep.ip, error(nil)
+		if !addr.IsValid() { // a DNS name: wait for the background lookup, at most ConnectTimeout
+			rctx, cancel := context.WithTimeout(ctx, o.ConnectTimeout)
+			addr, err = p.dns.resolve(rctx, ep.host)
+			cancel()
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, nil, resultShutdown, ctx.Err()
@@ -442,9 +453,7 @@ func (p *Proxy) connect(ctx context.Context, o Options, r *route, dst netip.Addr
 			continue
 		}
 		ep.succeeded()
-		tc := nc.(*net.TCPConn)
-		tc.SetNoDelay(true)
-		return tc, ep, "", nil
+		return nc.(*net.TCPConn), ep, "", nil
 	}
 	return nil, nil, result, errors.Join(errs...)
 }
@@ -487,6 +496,15 @@ func (p *Proxy) untrack(c *conn) {
 	p.mu.Unlock()
 	p.m.active.Dec()
 	c.ep.active.Add(-1)
+}
+
+func setSockopts(fd int, opts [][3]int) error {
+	for _, o := range opts {
+		if err := unix.SetsockoptInt(fd, o[0], o[1], o[2]); err != nil {
+			return fmt.Errorf("setsockopt %d/%d: %w", o[0], o[1], err)
+		}
+	}
+	return nil
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {
@@ -638,8 +656,8 @@ func (c *conn) relay(mode RelayMode) {
 		return
 	}
 	m := c.p.m
-	up := newHalf(c, c.client, c.target, clientRaw, targetRaw, &c.up, func(n int64) { m.bytesUp.Add(float64(n)) })
-	down := newHalf(c, c.target, c.client, targetRaw, clientRaw, &c.down, func(n int64) { m.bytesDown.Add(float64(n)) })
+	up := newHalf(c, c.client, c.target, clientRaw, targetRaw, &c.up, func(n int64) { m.bytesUp.Add(float64(n)) }, mode)
+	down := newHalf(c, c.target, c.client, targetRaw, clientRaw, &c.down, func(n int64) { m.bytesDown.Add(float64(n)) }, mode)
 	done := make(chan struct{})
 	go func() {
 		c.finish(down, down.run(mode, c.p.pipes), "target", "client")

@@ -988,3 +988,49 @@ func TestCheck(t *testing.T) {
 		})
 	}
 }
+
+func TestListenerSocketOptionsInherited(t *testing.T) {
+	t.Parallel()
+	p, err := New(Options{OriginalDst: newFakeOrig()}, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lns, owned, err := p.listen(context.Background(), Options{Listen: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lns[0].Close()
+	if !owned[0] {
+		t.Error("bound listener: got borrowed; want owned")
+	}
+	go func() {
+		if c, err := net.Dial("tcp", lns[0].Addr().String()); err == nil {
+			time.Sleep(time.Second)
+			c.Close()
+		}
+	}()
+	c, err := lns[0].Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	raw, _ := c.(*net.TCPConn).SyscallConn()
+	for _, o := range []struct {
+		name          string
+		level, option int
+		want          int
+	}{
+		{"SO_KEEPALIVE", syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, 1},
+		{"TCP_KEEPIDLE", syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE, int(keepAlive.Idle / time.Second)},
+		{"TCP_KEEPINTVL", syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL, int(keepAlive.Interval / time.Second)},
+		{"TCP_KEEPCNT", syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT, keepAlive.Count},
+		{"TCP_NODELAY", syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1},
+	} {
+		var got int
+		var gerr error
+		raw.Control(func(fd uintptr) { got, gerr = syscall.GetsockoptInt(int(fd), o.level, o.option) })
+		if gerr != nil || got != o.want {
+			t.Errorf("accepted socket %s: got %d, %v; want %d", o.name, got, gerr, o.want)
+		}
+	}
+}

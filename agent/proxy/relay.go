@@ -7,28 +7,34 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
-// The relay moves one direction of a connection. Both modes first wait until the
-// source socket is readable while holding nothing but the goroutine (a 1-byte
-// MSG_PEEK recv through the runtime poller), then take a pooled resource — a pipe
-// pair for splice, a buffer for copy — move everything the socket has, and give the
-// resource back as soon as a non-blocking read finds the socket empty. An idle
-// connection therefore costs two sockets, two small goroutines and a few hundred
-// bytes of bookkeeping, and never a pipe or a buffer.
+// The relay moves one direction of a connection. Each read is a non-blocking
+// read(2) inside RawConn.Read into a buffer taken from a pool just for that call:
+// on EAGAIN the buffer goes back before the goroutine parks in the runtime poller.
+// A burst that fills the buffer continues with splice(2) through a pipe pair taken
+// from a pool and returned as soon as the socket is empty (RelaySplice). An idle
+// connection therefore costs two sockets, two small parked goroutines and a few
+// hundred bytes of bookkeeping, and never a pipe or a buffer.
 
-// copyBufSize is the pooled buffer of RelayCopy.
-const copyBufSize = 64 << 10
+// copyBufSize is the pooled buffer of RelayCopy; smallBufSize the one RelaySplice
+// reads a burst's first bytes into.
+const (
+	copyBufSize  = 64 << 10
+	smallBufSize = 16 << 10
+)
 
 // pipeSize is the capacity requested for pooled pipes (F_SETPIPE_SZ); the kernel
 // default is 64 KiB. A larger pipe moves more per splice call when busy and costs
 // nothing while it sits empty in the pool.
 const pipeSize = 256 << 10
 
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+var (
+	copyBufs  = &sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+	smallBufs = &sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
+)
 
 type pipe struct {
 	r, w int
@@ -103,8 +109,14 @@ type half struct {
 	bytes          *atomic.Int64
 	count          func(int64)
 
-	peek     [1]byte
-	readable func(fd uintptr) bool
+	// readFn is the non-blocking read run by srcRaw.Read: it takes a buffer
+	// from pool only for the read itself and gives it back on EAGAIN, so a
+	// half parked in the poller holds no buffer.
+	pool   *sync.Pool
+	readFn func(fd uintptr) bool
+	bp     *[]byte
+	n      int
+	rerr   error
 }
 
 // errors a half reports, so the connection can name its close reason.
@@ -116,30 +128,27 @@ type relayError struct {
 func (e *relayError) Error() string { return e.err.Error() }
 func (e *relayError) Unwrap() error { return e.err }
 
-func newHalf(c *conn, src, dst *net.TCPConn, srcRaw, dstRaw syscall.RawConn, bytes *atomic.Int64, count func(int64)) *half {
-	h := &half{src: src, dst: dst, srcRaw: srcRaw, dstRaw: dstRaw, c: c, bytes: bytes, count: count}
-	h.readable = func(fd uintptr) bool {
+func newHalf(c *conn, src, dst *net.TCPConn, srcRaw, dstRaw syscall.RawConn, bytes *atomic.Int64, count func(int64), mode RelayMode) *half {
+	h := &half{src: src, dst: dst, srcRaw: srcRaw, dstRaw: dstRaw, c: c, bytes: bytes, count: count, pool: copyBufs}
+	if mode == RelaySplice {
+		h.pool = smallBufs
+	}
+	h.readFn = func(fd uintptr) bool {
+		bp := h.pool.Get().(*[]byte)
 		for {
-			_, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&h.peek[0])), 1,
-				unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-			switch errno {
-			case unix.EINTR:
-				continue
-			case unix.EAGAIN:
-				return false // let the poller wait for readability
+			h.n, h.rerr = unix.Read(int(fd), *bp)
+			if h.rerr != unix.EINTR {
+				break
 			}
-			return true // data, EOF or an error: the burst's read reports which
 		}
+		if h.rerr == unix.EAGAIN {
+			h.pool.Put(bp)
+			return false // wait for readability, holding nothing
+		}
+		h.bp = bp
+		return true
 	}
 	return h
-}
-
-// waitReadable blocks until src has data, EOF or an error, holding no buffer.
-func (h *half) waitReadable() error {
-	if err := h.srcRaw.Read(h.readable); err != nil {
-		return &relayError{read: true, err: err}
-	}
-	return nil
 }
 
 func (h *half) moved(n int) {
@@ -149,54 +158,37 @@ func (h *half) moved(n int) {
 }
 
 // run relays until src reaches EOF (nil) or something fails.
+//
+// RelaySplice copies a burst's first read (up to smallBufSize) and only a read
+// that fills the buffer switches to splicing for the rest of the burst: small
+// messages cost the same two syscalls either way and need no pipe.
 func (h *half) run(mode RelayMode, pipes *pipePool) error {
 	for {
-		if err := h.waitReadable(); err != nil {
-			return err
+		h.bp = nil
+		if err := h.srcRaw.Read(h.readFn); err != nil {
+			return &relayError{read: true, err: err}
 		}
-		var eof bool
-		var err error
-		if mode == RelaySplice {
-			eof, err = h.spliceBurst(pipes)
-		} else {
-			eof, err = h.copyBurst()
+		bp, n, rerr := h.bp, h.n, h.rerr
+		if rerr != nil {
+			h.pool.Put(bp)
+			return &relayError{read: true, err: rerr}
 		}
-		if err != nil || eof {
-			return err
+		if n == 0 {
+			h.pool.Put(bp)
+			return nil // EOF
 		}
-	}
-}
-
-// copyBurst copies what src has through a pooled buffer.
-func (h *half) copyBurst() (eof bool, err error) {
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
-	buf := *bp
-	for {
-		var n int
-		var rerr error
-		if err := h.srcRaw.Read(func(fd uintptr) bool {
-			for {
-				n, rerr = unix.Read(int(fd), buf)
-				if rerr != unix.EINTR {
-					return true
-				}
-			}
-		}); err != nil {
-			return false, &relayError{read: true, err: err}
-		}
-		switch {
-		case rerr == unix.EAGAIN:
-			return false, nil
-		case rerr != nil:
-			return false, &relayError{read: true, err: rerr}
-		case n == 0:
-			return true, nil
-		}
-		if _, err := h.dst.Write(buf[:n]); err != nil {
-			return false, &relayError{err: err}
+		_, werr := h.dst.Write((*bp)[:n])
+		full := n == len(*bp)
+		h.pool.Put(bp)
+		if werr != nil {
+			return &relayError{err: werr}
 		}
 		h.moved(n)
+		if mode == RelaySplice && full {
+			if eof, err := h.spliceBurst(pipes); err != nil || eof {
+				return err
+			}
+		}
 	}
 }
 
@@ -204,8 +196,7 @@ func (h *half) copyBurst() (eof bool, err error) {
 func (h *half) spliceBurst(pipes *pipePool) (eof bool, err error) {
 	p, perr := pipes.get()
 	if perr != nil {
-		// Out of descriptors for a pipe: copy this burst instead.
-		return h.copyBurst()
+		return false, nil // out of descriptors for a pipe: copy instead
 	}
 	inPipe := 0
 	defer func() { pipes.put(p, inPipe == 0) }()

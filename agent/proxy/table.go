@@ -18,6 +18,8 @@ type route struct {
 	cluster *cluster
 	host    string
 	port    uint16
+	// connected is this mapping's connections_total{result="connected"}.
+	connected interface{ Inc() }
 }
 
 // id identifies what a connection was routed by: a connection whose route id is no
@@ -105,7 +107,8 @@ func isIP(host string) bool {
 type endpoint struct {
 	host   string
 	port   uint16
-	addr   string // host:port, for logs and DialControl
+	addr   string     // host:port, for logs and DialControl
+	ip     netip.Addr // when host is an IP literal
 	active atomic.Int64
 
 	mu       sync.Mutex
@@ -163,6 +166,9 @@ func (r *endpointRegistry) get(host string, port uint16) *endpoint {
 	e := r.m[addr]
 	if e == nil {
 		e = &endpoint{host: host, port: port, addr: addr}
+		if ip, err := netip.ParseAddr(host); err == nil {
+			e.ip = ip
+		}
 		r.m[addr] = e
 	}
 	return e
