@@ -347,15 +347,7 @@ func (s *fileSender) send(_ context.Context, body []byte) (int64, string, error)
 	return 0, "", nil
 }
 
-func (s *fileSender) probe(context.Context) error {
-	dir := filepath.Dir(s.path)
-	if fi, err := os.Stat(dir); err != nil {
-		return err
-	} else if !fi.IsDir() {
-		return fmt.Errorf("%s is not a directory", dir)
-	}
-	return nil
-}
+func (s *fileSender) probe(context.Context) error { return dirUsable(filepath.Dir(s.path)) }
 
 func (s *fileSender) close() error {
 	s.mu.Lock()

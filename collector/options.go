@@ -221,7 +221,7 @@ func (o Options) Validate() error {
 	if o.Retry.MaxInterval < o.Retry.InitialInterval {
 		errs = append(errs, errors.New("otlp.retry.max_interval: below initial_interval"))
 	}
-	if o.GRPCListen.IsValid() && o.HTTPListen.IsValid() && o.GRPCListen == o.HTTPListen {
+	if o.GRPCListen.IsValid() && o.GRPCListen.Port() != 0 && o.GRPCListen == o.HTTPListen {
 		errs = append(errs, errors.New("otlp.http_listen: same address as grpc_listen"))
 	}
 	return errors.Join(errs...)

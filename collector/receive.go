@@ -28,9 +28,44 @@ import (
 
 // ---- gRPC ----
 
-type grpcReceiver struct {
-	ptraceotlp.UnimplementedGRPCServer
-	rn *runState
+// The gRPC service is registered by hand, with a pass-through codec, instead of through
+// ptraceotlp.RegisterGRPCServer: grpc-go answers a request its codec cannot decode with
+// codes.Internal, while OTLP asks for InvalidArgument. Decoding in the handler with
+// ptraceotlp.ExportRequest.UnmarshalProto (which also migrates deprecated fields, as
+// RegisterGRPCServer does) gives the right code.
+var traceServiceDesc = grpc.ServiceDesc{
+	ServiceName: "opentelemetry.proto.collector.trace.v1.TraceService",
+	HandlerType: (*any)(nil),
+	Methods: []grpc.MethodDesc{{
+		MethodName: "Export",
+		Handler: func(srv any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+			var in rawMsg
+			if err := dec(&in); err != nil {
+				return nil, err
+			}
+			return srv.(*runState).exportGRPC(ctx, in.b)
+		},
+	}},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "opentelemetry/proto/collector/trace/v1/trace_service.proto",
+}
+
+var emptyResponse = func() []byte {
+	b, _ := ptraceotlp.NewExportResponse().MarshalProto()
+	return b
+}()
+
+func (rn *runState) exportGRPC(_ context.Context, body []byte) (*rawMsg, error) {
+	req := ptraceotlp.NewExportRequest()
+	if err := req.UnmarshalProto(body); err != nil {
+		rn.t.m.requests.WithLabelValues("grpc", outInvalid).Inc()
+		return nil, status.Error(codes.InvalidArgument, "decode request: "+err.Error())
+	}
+	n, err := rn.ingest(req.Traces())
+	if err := rn.result("grpc", n, err, grpcError); err != nil {
+		return nil, err
+	}
+	return &rawMsg{b: emptyResponse}, nil
 }
 
 func backpressureStatus(msg string) error {
@@ -39,12 +74,6 @@ func backpressureStatus(msg string) error {
 		st = d
 	}
 	return st.Err()
-}
-
-// Export implements the OTLP trace service.
-func (g *grpcReceiver) Export(_ context.Context, req ptraceotlp.ExportRequest) (ptraceotlp.ExportResponse, error) {
-	n, err := g.rn.ingest(req.Traces())
-	return ptraceotlp.NewExportResponse(), g.rn.result("grpc", n, err, grpcError)
 }
 
 func grpcError(err error) error {
@@ -91,8 +120,9 @@ func (rn *runState) newGRPCServer(maxSize int64) *grpc.Server {
 	s := grpc.NewServer(
 		grpc.MaxRecvMsgSize(int(maxSize)),
 		grpc.InTapHandle(rn.tapHandle),
+		grpc.ForceServerCodecV2(rawCodec{}),
 	)
-	ptraceotlp.RegisterGRPCServer(s, &grpcReceiver{rn: rn})
+	s.RegisterService(&traceServiceDesc, rn)
 	return s
 }
 
@@ -123,13 +153,13 @@ func (rn *runState) httpHandler() http.Handler {
 }
 
 func (rn *runState) serveTraces(w http.ResponseWriter, r *http.Request) {
+	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		rn.t.m.requests.WithLabelValues("http", outUnsupported).Inc()
-		writeStatus(w, ctJSON, http.StatusMethodNotAllowed, "method "+r.Method+" not allowed; use POST")
+		writeStatus(w, ct, http.StatusMethodNotAllowed, "method "+r.Method+" not allowed; use POST")
 		return
 	}
-	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if ct != ctProto && ct != ctJSON {
 		rn.t.m.requests.WithLabelValues("http", outUnsupported).Inc()
 		writeStatus(w, ctJSON, http.StatusUnsupportedMediaType, "content type "+strconv.Quote(ct)+" not supported; use "+ctProto+" or "+ctJSON)

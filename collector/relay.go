@@ -165,7 +165,22 @@ func (t *Relay) Run(ctx context.Context) error {
 	}()
 	listen := func(name string, ap interface{ String() string }, valid bool) (net.Listener, error) {
 		if l, ok := opts.Listeners[name]; ok && l != nil {
-			return l, nil
+			// Serve on a duplicate so stopping closes ours and the caller's stays open for the next Run.
+			fl, ok := l.(interface{ File() (*os.File, error) })
+			if !ok {
+				return l, nil
+			}
+			f, err := fl.File()
+			if err != nil {
+				return nil, fmt.Errorf("duplicate %s listener: %w", name, err)
+			}
+			defer f.Close()
+			dl, err := net.FileListener(f)
+			if err != nil {
+				return nil, fmt.Errorf("duplicate %s listener: %w", name, err)
+			}
+			owned = append(owned, dl)
+			return dl, nil
 		}
 		if !valid {
 			return nil, nil
@@ -215,7 +230,7 @@ func (t *Relay) Run(ctx context.Context) error {
 	if gl != nil {
 		gs = rn.newGRPCServer(opts.MaxRequestSize)
 		go func() {
-			if err := gs.Serve(noClose{gl}); err != nil {
+			if err := gs.Serve(gl); err != nil {
 				serveErr <- fmt.Errorf("serve otlp grpc: %w", err)
 			}
 		}()
@@ -224,7 +239,7 @@ func (t *Relay) Run(ctx context.Context) error {
 		hs = &http.Server{Handler: rn.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 64 << 10,
 			ErrorLog: slog.NewLogLogger(t.log.Handler(), slog.LevelDebug)}
 		go func() {
-			if err := hs.Serve(noClose{hl}); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := hs.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				serveErr <- fmt.Errorf("serve otlp http: %w", err)
 			}
 		}()
@@ -296,12 +311,6 @@ func (t *Relay) Run(ctx context.Context) error {
 	}
 	return runErr
 }
-
-// noClose keeps Serve's shutdown from closing a listener Run does not own; owned ones are
-// closed by Run itself.
-type noClose struct{ net.Listener }
-
-func (noClose) Close() error { return nil }
 
 func addrString(l net.Listener) string {
 	if l == nil {
