@@ -1,6 +1,9 @@
 package ebpf
 
 import (
+	"fmt"
+	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -30,23 +33,7 @@ func TestNoLeak(t *testing.T) {
 		t.Errorf("connections the proxy could not find the original destination of: got %d; want 0", m)
 	}
 
-	// Sockets close asynchronously (the proxy side closes first; the client's
-	// last ACK may trail); the maps must drain to zero.
-	var entries map[string]int
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s.mu.Lock()
-		entries = mapEntries(s.cur)
-		s.mu.Unlock()
-		if entries["orig_by_cookie"] == 0 && entries["orig_by_client"] == 0 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if entries["orig_by_cookie"] != 0 || entries["orig_by_client"] != 0 {
-		t.Errorf("entries after %d connections: got orig_by_cookie=%d orig_by_client=%d; want 0 and 0",
-			n, entries["orig_by_cookie"], entries["orig_by_client"])
-	}
+	waitDrained(t, s, fmt.Sprintf("%d connections", n))
 	if got := metricValue(t, reg, "nodeagent_steering_redirects_total", map[string]string{"family": "ipv4"}); got < float64(n) {
 		t.Errorf("nodeagent_steering_redirects_total{family=ipv4}: got %v; want >= %d", got, n)
 	}
@@ -55,5 +42,43 @@ func TestNoLeak(t *testing.T) {
 	}
 	if got := metricValue(t, reg, "nodeagent_steering_errors_total", nil); got != 0 {
 		t.Errorf("nodeagent_steering_errors_total: got %v; want 0", got)
+	}
+
+	// Connections the proxy refuses (nothing listens) never establish; their
+	// cookie entries go at TCP_CLOSE too.
+	opts := e.options()
+	opts.ProxyAddr4 = netip.MustParseAddrPort("127.0.0.1:15999")
+	opts.ProxyAddr6 = netip.MustParseAddrPort("[::1]:15999")
+	if err := s.Update(opts); err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	for _, addr := range []string{"169.254.1.2:80", "[fd00::2]:80"} {
+		for range 10 {
+			if res := e.dial(e.host, true, dialRequest{Addr: addr}); !strings.Contains(res.Err, "connection refused") {
+				t.Fatalf("dial %s with no proxy listening: got reply %q err %q; want connection refused", addr, res.Reply, res.Err)
+			}
+		}
+	}
+	waitDrained(t, s, "refused connections")
+}
+
+// waitDrained waits until both original-destination maps are empty: sockets
+// close asynchronously (the client's last ACK may trail the proxy's close).
+func waitDrained(t *testing.T, s *Steering, after string) {
+	t.Helper()
+	var entries map[string]int
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.mu.RLock()
+		entries = mapEntries(s.cur)
+		s.mu.RUnlock()
+		if entries["orig_by_cookie"] == 0 && entries["orig_by_client"] == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if entries["orig_by_cookie"] != 0 || entries["orig_by_client"] != 0 {
+		t.Errorf("entries after %s: got orig_by_cookie=%d orig_by_client=%d; want 0 and 0",
+			after, entries["orig_by_cookie"], entries["orig_by_client"])
 	}
 }

@@ -43,10 +43,8 @@ type loaded struct {
 }
 
 // load loads the programs, reusing the maps pinned under opts.BPFFS (replacing
-// them when their layout changed), and attaches each program to the cgroup,
-// replacing the program of a link pinned by an earlier run rather than attaching
-// a second time.
-func load(opts Options, cgroup string, log *slog.Logger) (_ *loaded, err error) {
+// them when their layout changed). Nothing is attached yet.
+func load(opts Options, cgroup string, log *slog.Logger) (*loaded, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock rlimit: %w", err)
 	}
@@ -85,20 +83,21 @@ func load(opts Options, cgroup string, log *slog.Logger) (_ *loaded, err error) 
 		}
 		return nil, fmt.Errorf("load steering programs: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			l.close()
-		}
-	}()
+	return l, nil
+}
 
+// attach attaches each program to the cgroup, replacing the program of a link
+// pinned by an earlier run rather than attaching a second time. On error the
+// links attached so far stay pinned, for the next attempt to replace.
+func (l *loaded) attach(log *slog.Logger) error {
 	for _, h := range hooks {
 		lk, err := attachOrReplace(h, l, log)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		l.links = append(l.links, lk)
 	}
-	return l, nil
+	return nil
 }
 
 func attachOrReplace(h hook, l *loaded, log *slog.Logger) (link.Link, error) {

@@ -93,15 +93,20 @@ func (s *Steering) Run(ctx context.Context) error {
 		return fail(err)
 	}
 
+	// The maps are written before the programs are attached (or swapped into
+	// the links of an earlier run), so they never run with an empty config.
 	s.mu.Lock()
 	opts = s.opts // Update may have run meanwhile
 	err = apply(l, opts, cookie)
+	if err == nil {
+		err = l.attach(s.log)
+	}
 	if err == nil {
 		s.cur = l
 	}
 	s.mu.Unlock()
 	if err != nil {
-		s.release(l, opts)
+		l.close() // pins stay, for the retry to reuse
 		return fail(err)
 	}
 	s.log.Info("steering attached", "cgroup", cgroup, "bpffs", opts.BPFFS, "intercepts", len(opts.Intercepts))
