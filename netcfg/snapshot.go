@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -53,6 +54,8 @@ func (s *snapshot) linkName(index int) string {
 
 // lister is the part of *netlink.Handle a snapshot needs.
 type lister interface {
+	LinkByName(name string) (netlink.Link, error)
+	LinkByIndex(index int) (netlink.Link, error)
 	LinkList() ([]netlink.Link, error)
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
 	RouteListFilteredIter(family int, filter *netlink.Route, filterMask uint64, f func(netlink.Route) bool) error
@@ -75,38 +78,33 @@ func retryInterrupted(dump func() error) (interrupted bool, err error) {
 	return true, nil
 }
 
-// takeSnapshot lists links, addresses and main-table default routes. Each dump is
-// redone when the kernel flags it as interrupted by a concurrent change.
-func takeSnapshot(h lister) (*snapshot, error) {
+func newLinkInfo(l netlink.Link) linkInfo {
+	a := l.Attrs()
+	return linkInfo{
+		index:     a.Index,
+		name:      a.Name,
+		kind:      l.Type(),
+		adminUp:   a.Flags&net.FlagUp != 0,
+		lowerUp:   a.RawFlags&unix.IFF_LOWER_UP != 0,
+		operState: a.OperState,
+		mtu:       a.MTU,
+		rxQueues:  a.NumRxQueues,
+		txQueues:  a.NumTxQueues,
+		loopback:  a.Flags&net.FlagLoopback != 0,
+	}
+}
+
+// takeSnapshot lists global addresses and main-table default routes, and the links
+// the verdict names: the uplink, fetched by name, and the links carrying the node
+// address or a default route. Only when the uplink is missing are all links dumped, to
+// list them in the detail — a full link dump is the expensive part on a node with a
+// veth per pod. Each dump is redone when the kernel flags it as interrupted by a
+// concurrent change.
+func takeSnapshot(h lister, uplink string, nodeIP netip.Addr) (*snapshot, error) {
 	s := &snapshot{addrs: map[int][]netip.Prefix{}, defaultRoute: map[int]bool{}}
 
-	var links []netlink.Link
-	intr, err := retryInterrupted(func() (err error) {
-		links, err = h.LinkList()
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
-	}
-	s.interrupted = s.interrupted || intr
-	for _, l := range links {
-		a := l.Attrs()
-		s.links = append(s.links, linkInfo{
-			index:     a.Index,
-			name:      a.Name,
-			kind:      l.Type(),
-			adminUp:   a.Flags&net.FlagUp != 0,
-			lowerUp:   a.RawFlags&unix.IFF_LOWER_UP != 0,
-			operState: a.OperState,
-			mtu:       a.MTU,
-			rxQueues:  a.NumRxQueues,
-			txQueues:  a.NumTxQueues,
-			loopback:  a.Flags&net.FlagLoopback != 0,
-		})
-	}
-
 	var addrs []netlink.Addr
-	intr, err = retryInterrupted(func() (err error) {
+	intr, err := retryInterrupted(func() (err error) {
 		addrs, err = h.AddrList(nil, netlink.FAMILY_ALL)
 		return err
 	})
@@ -114,6 +112,7 @@ func takeSnapshot(h lister) (*snapshot, error) {
 		return nil, fmt.Errorf("list addresses: %w", err)
 	}
 	s.interrupted = s.interrupted || intr
+	nodeLink := 0
 	for _, a := range addrs {
 		if a.Scope != unix.RT_SCOPE_UNIVERSE || a.IPNet == nil {
 			continue
@@ -124,11 +123,15 @@ func takeSnapshot(h lister) (*snapshot, error) {
 		}
 		ones, _ := a.Mask.Size()
 		s.addrs[a.LinkIndex] = append(s.addrs[a.LinkIndex], netip.PrefixFrom(ip.Unmap(), ones))
+		if nodeIP.IsValid() && ip.Unmap() == nodeIP.Unmap() {
+			nodeLink = a.LinkIndex
+		}
 	}
 
 	intr, err = retryInterrupted(func() error {
 		clear(s.defaultRoute)
-		return h.RouteListFilteredIter(netlink.FAMILY_ALL, &netlink.Route{}, 0, func(r netlink.Route) bool {
+		main := &netlink.Route{Table: unix.RT_TABLE_MAIN}
+		return h.RouteListFilteredIter(netlink.FAMILY_ALL, main, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
 			if !isDefault(r) {
 				return true
 			}
@@ -147,6 +150,47 @@ func takeSnapshot(h lister) (*snapshot, error) {
 		return nil, fmt.Errorf("list routes: %w", err)
 	}
 	s.interrupted = s.interrupted || intr
+
+	l, err := h.LinkByName(uplink)
+	var notFound netlink.LinkNotFoundError
+	switch {
+	case err == nil:
+		s.links = append(s.links, newLinkInfo(l))
+		related := []int{nodeLink}
+		for i := range s.defaultRoute {
+			related = append(related, i)
+		}
+		slices.Sort(related)
+		for _, i := range slices.Compact(related) {
+			if i <= 0 || i == l.Attrs().Index {
+				continue
+			}
+			other, err := h.LinkByIndex(i)
+			if errors.As(err, &notFound) {
+				continue // deleted since the dump; its event triggers another evaluation
+			}
+			if err != nil {
+				return nil, fmt.Errorf("get link %d: %w", i, err)
+			}
+			s.links = append(s.links, newLinkInfo(other))
+		}
+		slices.SortFunc(s.links, func(a, b linkInfo) int { return a.index - b.index })
+	case errors.As(err, &notFound):
+		var links []netlink.Link
+		intr, err := retryInterrupted(func() (err error) {
+			links, err = h.LinkList()
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("list links: %w", err)
+		}
+		s.interrupted = s.interrupted || intr
+		for _, l := range links {
+			s.links = append(s.links, newLinkInfo(l))
+		}
+	default:
+		return nil, fmt.Errorf("get link %s: %w", uplink, err)
+	}
 	return s, nil
 }
 
