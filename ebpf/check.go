@@ -15,8 +15,9 @@ import (
 
 // Check runs the steering check once, for `nodeagent check`, changing nothing
 // on the host: the kernel features, the cgroup v2 directory, and whether the
-// programs pinned under opts.BPFFS are attached to it. Not being attached is not
-// a failure (the agent attaches on start), but is said in the detail.
+// programs pinned under opts.BPFFS are attached to it. Not being attached, or
+// pins left for another cgroup, are not failures (the agent attaches, and
+// replaces stale pins, on start), but are said in the detail.
 func Check(ctx context.Context, opts Options) []health.Result {
 	opts = opts.withDefaults()
 	res := health.Result{Name: health.Steering}
@@ -57,10 +58,10 @@ func Check(ctx context.Context, opts Options) []health.Result {
 			other = append(other, h.name+": pinned for another cgroup")
 		}
 	}
-	res.OK = len(other) == 0
+	res.OK = true
 	switch {
 	case len(other) > 0:
-		res.Detail = fmt.Sprintf("cgroup %s; stale pins under %s: %s", cgroup, opts.BPFFS, strings.Join(other, "; "))
+		res.Detail = fmt.Sprintf("kernel ready; cgroup %s; stale pins under %s, replaced on start: %s", cgroup, opts.BPFFS, strings.Join(other, "; "))
 	case len(attached) == len(hooks):
 		res.Detail = fmt.Sprintf("%d programs attached to %s", len(attached), cgroup)
 	case len(attached) == 0:
