@@ -33,6 +33,7 @@ const maxListed = 8
 // address the uplink last had, if it was ever seen; it names the device once a
 // userspace driver has taken it.
 func evaluate(opts Options, s *snapshot, rememberedPCI string) verdict {
+	opts.NodeIP = opts.NodeIP.Unmap()
 	name := opts.Interface
 	l, ok := s.link(name)
 	if !ok {
@@ -72,7 +73,7 @@ func evaluate(opts Options, s *snapshot, rememberedPCI string) verdict {
 	nodeAddrHere := false
 	if opts.NodeIP.IsValid() {
 		for _, p := range addrs {
-			if p.Addr() == opts.NodeIP.Unmap() {
+			if p.Addr() == opts.NodeIP {
 				nodeAddrHere = true
 			}
 		}
@@ -94,7 +95,7 @@ func evaluate(opts Options, s *snapshot, rememberedPCI string) verdict {
 
 	parts := []string{"up", "carrier", fmt.Sprintf("mtu %d", l.mtu)}
 	for _, p := range addrs {
-		if opts.NodeIP.IsValid() && p.Addr() == opts.NodeIP.Unmap() {
+		if opts.NodeIP.IsValid() && p.Addr() == opts.NodeIP {
 			parts = append(parts, p.String()+" (node address)")
 		} else {
 			parts = append(parts, p.String())
@@ -131,6 +132,7 @@ func evaluate(opts Options, s *snapshot, rememberedPCI string) verdict {
 // evaluateMissing explains an uplink that is not in the namespace: taken by a userspace
 // driver, or simply a wrong name (then it names the likely right one).
 func evaluateMissing(opts Options, s *snapshot, rememberedPCI string) verdict {
+	opts.NodeIP = opts.NodeIP.Unmap()
 	name := opts.Interface
 	v := verdict{result: health.Result{Name: health.Uplink}, waiting: true}
 
@@ -191,7 +193,7 @@ func linkWithAddr(s *snapshot, opts Options) string {
 	}
 	for _, l := range s.links {
 		for _, p := range s.addrs[l.index] {
-			if p.Addr() == opts.NodeIP.Unmap() {
+			if p.Addr() == opts.NodeIP {
 				return l.name
 			}
 		}

@@ -139,6 +139,13 @@ func TestEvaluate(t *testing.T) {
 			detail: "eth1: node address 10.0.0.7 not on eth1 (has 192.168.5.2/24); it is on eth0",
 		},
 		{
+			name:    "IPv4-mapped node address is named unmapped",
+			opts:    opt(func(o *Options) { o.NodeIP = netip.MustParseAddr("::ffff:10.0.0.7") }),
+			snap:    snap([]linkInfo{lo(), nic(2, "eth0", 1500)}, map[int][]string{2: {"10.0.0.7/24"}}, 2),
+			waiting: true,
+			detail:  "uplink eth1 not found; eth0 carries 10.0.0.7 and the default route — set uplink.interface: eth0? (interfaces: eth0)",
+		},
+		{
 			name: "IPv4-mapped node address matches",
 			opts: opt(func(o *Options) { o.NodeIP = netip.MustParseAddr("::ffff:10.0.0.7") }),
 			snap: snap([]linkInfo{lo(), nic(2, "eth1", 1500)}, map[int][]string{2: {"10.0.0.7/24"}}),

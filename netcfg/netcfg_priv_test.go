@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -506,6 +507,7 @@ func TestRunRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	goroutines := runtime.NumGoroutine()
 	for i := range 3 {
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
@@ -526,6 +528,15 @@ func TestRunRestart(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("run %d: Run did not return after cancellation", i)
 		}
+	}
+	// Everything Run started (subscriptions, their sockets' goroutines, the inotify
+	// reader) is gone once it returned.
+	deadline := time.Now().Add(2 * time.Second)
+	for runtime.NumGoroutine() > goroutines && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > goroutines {
+		t.Errorf("got %d goroutines after 3 runs; want at most the %d before", n, goroutines)
 	}
 	if v := metricValue(t, reg, "nodeagent_uplink_changes_total"); v != 0 {
 		t.Errorf("changes_total after restarts without change got %v; want 0", v)

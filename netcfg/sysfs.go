@@ -195,7 +195,7 @@ type vppStatus struct {
 
 func (s vppStatus) String() string {
 	if s.err != nil {
-		return "unreadable"
+		return "unreadable (" + s.err.Error() + ")"
 	}
 	return s.state
 }

@@ -223,7 +223,7 @@ func TestReadVPPStatus(t *testing.T) {
 		{"starting", ptr(`{"Status": "starting"}`), "starting"},
 		{"case", ptr(`{"status": "Ready"}`), "ready"},
 		{"no status", ptr(`{}`), "no status"},
-		{"garbage", ptr(`ready`), "unreadable"},
+		{"garbage", ptr(`ready`), "unreadable (parse /var/run/vpp/vppmanagerinfofile: invalid character 'r' looking for beginning of value)"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
