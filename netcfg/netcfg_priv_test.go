@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -327,16 +328,24 @@ func TestTakenOverByVPP(t *testing.T) {
 	}
 }
 
+var linkNetns = regexp.MustCompile(`link-netns(id)? \S+`)
+
 // netState is everything `ip` shows about a namespace, to prove Check changes nothing.
 func netState(t *testing.T, ns *privtest.Netns) string {
 	t.Helper()
 	var b strings.Builder
 	for _, args := range [][]string{{"-d", "link", "show"}, {"addr", "show"}, {"route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"}} {
-		out, err := ns.Command("ip", args...).CombinedOutput()
+		cmd := ns.Command("ip", args...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
 		if err != nil {
-			t.Fatalf("ip %v: %v: %s", args, err, out)
+			t.Fatalf("ip %v: %v: %s", args, err, stderr.String())
 		}
-		b.Write(out)
+		// ip names the veth peer's namespace by scanning /run/netns, which other
+		// tests change concurrently ("Peer netns reference is invalid" on stderr,
+		// link-netnsid instead of link-netns): that is not our namespace's state.
+		b.WriteString(linkNetns.ReplaceAllString(string(out), ""))
 	}
 	return b.String()
 }
