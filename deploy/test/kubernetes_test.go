@@ -862,3 +862,53 @@ func snapshot(t *testing.T, root string) string {
 	}
 	return sb.String()
 }
+
+// The uninstall DaemonSet runs `nodeagent run --cleanup` with the same config and the
+// same mounts as the agent, so it finds and removes exactly what the agent left.
+func TestUninstallCleanupDaemonSet(t *testing.T) {
+	t.Parallel()
+	b := loadK8s(t)
+	objs := loadManifests(t, deployPath(t, "kubernetes", "uninstall"))
+	ds := only[*appsv1.DaemonSet](t, objs)
+	if ds.Namespace != b.ns.Name {
+		t.Errorf("cleanup DaemonSet namespace %q; want %q", ds.Namespace, b.ns.Name)
+	}
+	spec := ds.Spec.Template.Spec
+	if len(spec.InitContainers) != 1 {
+		t.Fatalf("cleanup DaemonSet has %d init containers; want 1", len(spec.InitContainers))
+	}
+	c := spec.InitContainers[0]
+	want := []string{b.container.Command[0], "run", "--cleanup", "--config", b.configPath}
+	if got := append(append([]string{}, c.Command...), c.Args...); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("cleanup runs %q; want %q", got, want)
+	}
+	if c.Image != b.container.Image {
+		t.Errorf("cleanup image %q; want the agent's %q", c.Image, b.container.Image)
+	}
+	mainSpec := b.ds.Spec.Template.Spec
+	gotVols, _ := yaml.Marshal(spec.Volumes)
+	wantVols, _ := yaml.Marshal(mainSpec.Volumes)
+	if string(gotVols) != string(wantVols) {
+		t.Errorf("cleanup volumes differ from the agent's:\n%s\nwant:\n%s", gotVols, wantVols)
+	}
+	gotMounts, _ := yaml.Marshal(c.VolumeMounts)
+	wantMounts, _ := yaml.Marshal(b.container.VolumeMounts)
+	if string(gotMounts) != string(wantMounts) {
+		t.Errorf("cleanup mounts differ from the agent's:\n%s\nwant:\n%s", gotMounts, wantMounts)
+	}
+	for _, name := range []string{"NODE_NAME", "NODE_IP"} {
+		found := false
+		for _, e := range c.Env {
+			found = found || e.Name == name
+		}
+		if !found {
+			t.Errorf("cleanup does not set %s, which the config expands", name)
+		}
+	}
+	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
+		t.Errorf("cleanup is not privileged; detaching programs needs it")
+	}
+	if !spec.HostNetwork || spec.HostPID || spec.PriorityClassName != mainSpec.PriorityClassName {
+		t.Errorf("cleanup pod hostNetwork=%v hostPID=%v priority=%q; want the agent's", spec.HostNetwork, spec.HostPID, spec.PriorityClassName)
+	}
+}
