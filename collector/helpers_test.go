@@ -348,3 +348,7 @@ func zst(b []byte) []byte {
 	defer enc.Close()
 	return enc.EncodeAll(b, nil)
 }
+
+func netipOf(a net.Addr) netip.AddrPort {
+	return a.(*net.TCPAddr).AddrPort()
+}
