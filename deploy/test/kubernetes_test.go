@@ -292,28 +292,26 @@ func TestNamespaceAndServiceAccount(t *testing.T) {
 	}
 }
 
-func TestDaemonSetPodPrivileges(t *testing.T) {
-	t.Parallel()
-	b := loadK8s(t)
+func (b *k8sBundle) checkPod(t *testing.T, p *problems) {
 	spec := b.ds.Spec.Template.Spec
 	sel, err := metav1LabelSelector(b.ds)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !sel.Matches(labels.Set(b.ds.Spec.Template.Labels)) {
-		t.Errorf("selector %v does not match the template's labels %v", sel, b.ds.Spec.Template.Labels)
+		p.addf("selector %v does not match the template's labels %v", sel, b.ds.Spec.Template.Labels)
 	}
 	if !spec.HostNetwork {
-		t.Error("hostNetwork = false; want true (node interfaces, loopback and node-IP listeners)")
+		p.addf("hostNetwork = false; want true (node interfaces, loopback and node-IP listeners)")
 	}
 	if spec.HostPID {
-		t.Error("hostPID = true; want false: /host/proc is the node's procfs, nothing else needs the node's PID namespace")
+		p.addf("hostPID = true; want false: /host/proc is the node's procfs, nothing else needs the node's PID namespace")
 	}
 	if spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
-		t.Errorf("dnsPolicy = %q; want ClusterFirstWithHostNet (cluster names for the exporter and DNS targets)", spec.DNSPolicy)
+		p.addf("dnsPolicy = %q; want ClusterFirstWithHostNet (cluster names for the exporter and DNS targets)", spec.DNSPolicy)
 	}
 	if spec.PriorityClassName != "system-node-critical" {
-		t.Errorf("priorityClassName = %q; want system-node-critical", spec.PriorityClassName)
+		p.addf("priorityClassName = %q; want system-node-critical", spec.PriorityClassName)
 	}
 	tolerateAll := false
 	for _, tol := range spec.Tolerations {
@@ -322,14 +320,14 @@ func TestDaemonSetPodPrivileges(t *testing.T) {
 		}
 	}
 	if !tolerateAll {
-		t.Errorf("tolerations = %+v; want one {operator: Exists} that tolerates every taint", spec.Tolerations)
+		p.addf("tolerations = %+v; want one {operator: Exists} that tolerates every taint", spec.Tolerations)
 	}
 	sc := b.container.SecurityContext
 	if sc == nil || sc.Privileged == nil || !*sc.Privileged {
-		t.Error("container is not privileged; want privileged (BPF, modules, Bidirectional mounts)")
+		p.addf("container is not privileged; want privileged (BPF, modules, Bidirectional mounts)")
 	}
 	if sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
-		t.Error("readOnlyRootFilesystem is not true; every write goes to a mount")
+		p.addf("readOnlyRootFilesystem is not true; every write goes to a mount")
 	}
 }
 
@@ -362,9 +360,7 @@ func TestDaemonSetCommandRunsTheConfigMap(t *testing.T) {
 	}
 }
 
-func TestDaemonSetEnvMatchesConfig(t *testing.T) {
-	t.Parallel()
-	b := loadK8s(t)
+func (b *k8sBundle) checkEnv(t *testing.T, p *problems) {
 	required, optional := configRefs(b.configText)
 	wantField := map[string]string{"NODE_NAME": "spec.nodeName", "NODE_IP": "status.hostIP"}
 	env := map[string]corev1.EnvVar{}
@@ -373,33 +369,32 @@ func TestDaemonSetEnvMatchesConfig(t *testing.T) {
 	}
 	for name, field := range wantField {
 		if !contains(required, name) {
-			t.Errorf("the config does not use ${%s}", name)
+			p.addf("the config does not use ${%s}", name)
 		}
 		e, ok := env[name]
 		if !ok {
-			t.Errorf("env %s is not set; the config expands ${%s}", name, name)
+			p.addf("env %s is not set; the config expands ${%s}", name, name)
 			continue
 		}
 		if e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != field {
-			t.Errorf("env %s = %+v; want the downward API's %s", name, e, field)
+			p.addf("env %s = %+v; want the downward API's %s", name, e, field)
 		}
 	}
 	for _, name := range required {
 		if _, ok := env[name]; !ok {
-			t.Errorf("the config expands ${%s} but the container does not set it", name)
+			p.addf("the config expands ${%s} but the container does not set it", name)
 		}
 	}
 	// ${VAR:-default} references are for running the file elsewhere (tests); in the
 	// DaemonSet the default applies.
 	for _, name := range optional {
 		if _, ok := env[name]; ok {
-			t.Errorf("env %s is set; the config's ${%s:-...} default is what the DaemonSet means", name, name)
+			p.addf("env %s is set; the config's ${%s:-...} default is what the DaemonSet means", name, name)
 		}
 	}
 	if b.hostRoot != "/host" {
-		t.Errorf("host_root in the DaemonSet = %q; want /host", b.hostRoot)
+		p.addf("host_root in the DaemonSet = %q; want /host", b.hostRoot)
 	}
-	checkEnvRefs(t, "DaemonSet", b.container)
 }
 
 // checkEnvRefs checks that every $(VAR) in a container's command, args and env values
@@ -465,15 +460,14 @@ func expandEnvValue(t *testing.T, c corev1.Container, name string, memLimit reso
 	return v
 }
 
-func TestGOMEMLIMITFollowsTheMemoryLimit(t *testing.T) {
-	t.Parallel()
-	b := loadK8s(t)
+func (b *k8sBundle) checkMemory(t *testing.T, p *problems) {
 	limit, ok := b.container.Resources.Limits[corev1.ResourceMemory]
 	if !ok {
-		t.Fatal("no memory limit")
+		p.addf("no memory limit")
+		return
 	}
 	if req, ok := b.container.Resources.Requests[corev1.ResourceMemory]; !ok || req.Cmp(limit) > 0 {
-		t.Errorf("memory request %v; want one no larger than the limit %v", req.String(), limit.String())
+		p.addf("memory request %v; want one no larger than the limit %v", req.String(), limit.String())
 	}
 	otlpLimit := b.cfg.size(t, "otlp.memory_limit")
 	// The shipped limit, and others an operator may set: GOMEMLIMIT must follow.
@@ -481,26 +475,25 @@ func TestGOMEMLIMITFollowsTheMemoryLimit(t *testing.T) {
 		s := expandEnvValue(t, b.container, "GOMEMLIMIT", l)
 		got, err := parseSize(s)
 		if err != nil {
-			t.Errorf("limit %v: GOMEMLIMIT=%q is not a Go memory limit: %v", l.String(), s, err)
+			p.addf("limit %v: GOMEMLIMIT=%q is not a Go memory limit: %v", l.String(), s, err)
 			continue
 		}
 		ratio := float64(got) / float64(l.Value())
 		if ratio >= 1 || ratio < 0.9 {
-			t.Errorf("limit %v: GOMEMLIMIT=%s is %.1f%% of it; want 90%%..100%%", l.String(), s, 100*ratio)
+			p.addf("limit %v: GOMEMLIMIT=%s is %.1f%% of it; want 90%%..100%%", l.String(), s, 100*ratio)
 		}
 		if l.Equal(limit) && got <= otlpLimit {
-			t.Errorf("GOMEMLIMIT %d <= otlp.memory_limit %d: the relay's limit must come first", got, otlpLimit)
+			p.addf("GOMEMLIMIT %d <= otlp.memory_limit %d: the relay's limit must come first", got, otlpLimit)
 		}
 	}
 }
 
-func TestProbesMatchTheHealthListener(t *testing.T) {
-	t.Parallel()
-	b := loadK8s(t)
+func (b *k8sBundle) checkProbes(t *testing.T, p *problems) {
 	listen := b.cfg.str(t, "health.listen")
 	ap, err := netip.ParseAddrPort(listen)
 	if err != nil {
-		t.Fatalf("health.listen %q: %v", listen, err)
+		p.addf("health.listen %q: %v", listen, err)
+		return
 	}
 	spec := b.ds.Spec.Template.Spec
 	probes := []struct {
@@ -512,72 +505,72 @@ func TestProbesMatchTheHealthListener(t *testing.T) {
 		{"livenessProbe", b.container.LivenessProbe, livenessPath},
 		{"readinessProbe", b.container.ReadinessProbe, readinessPath},
 	}
-	for _, p := range probes {
-		if p.probe == nil || p.probe.HTTPGet == nil {
-			t.Errorf("%s: not an httpGet probe", p.name)
+	for _, pr := range probes {
+		if pr.probe == nil || pr.probe.HTTPGet == nil {
+			p.addf("%s: not an httpGet probe", pr.name)
 			continue
 		}
-		g := p.probe.HTTPGet
-		if g.Path != p.path {
-			t.Errorf("%s path = %q; want %q", p.name, g.Path, p.path)
+		g := pr.probe.HTTPGet
+		if g.Path != pr.path {
+			p.addf("%s path = %q; want %q", pr.name, g.Path, pr.path)
 		}
 		if g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP {
-			t.Errorf("%s scheme = %q; want HTTP", p.name, g.Scheme)
+			p.addf("%s scheme = %q; want HTTP", pr.name, g.Scheme)
 		}
 		if g.Port.Type != intstr.Int || g.Port.IntValue() != int(ap.Port()) {
-			t.Errorf("%s port = %s; want %d (health.listen %s) as a number", p.name, g.Port.String(), ap.Port(), listen)
+			p.addf("%s port = %s; want %d (health.listen %s) as a number", pr.name, g.Port.String(), ap.Port(), listen)
 		}
 		// Where the kubelet connects: probe.host, else the pod IP, which with
 		// hostNetwork is the node IP.
 		target := g.Host
 		if target == "" {
 			if !spec.HostNetwork {
-				t.Fatalf("%s: no host and no hostNetwork: the pod IP is not a node address", p.name)
+				p.addf("%s: no host and no hostNetwork: the pod IP is not a node address", pr.name)
+				continue
 			}
 			target = testNodeIP
 		}
 		tip, err := netip.ParseAddr(target)
 		if err != nil {
-			t.Errorf("%s host %q is not an IP", p.name, target)
+			p.addf("%s host %q is not an IP", pr.name, target)
 			continue
 		}
 		if !(ap.Addr() == tip || ap.Addr().IsUnspecified()) {
-			t.Errorf("%s goes to %s:%d but health.listen is %s: the probe would be refused", p.name, target, g.Port.IntValue(), listen)
+			p.addf("%s goes to %s:%d but health.listen is %s: the probe would be refused", pr.name, target, g.Port.IntValue(), listen)
 		}
 	}
 	if d := b.container.LivenessProbe; d != nil && b.container.StartupProbe != nil {
 		s := b.container.StartupProbe
 		if window := time.Duration(s.PeriodSeconds*s.FailureThreshold) * time.Second; window < 30*time.Second {
-			t.Errorf("startup probe allows %v; want at least 30s for hugepages and modules", window)
+			p.addf("startup probe allows %v; want at least 30s for hugepages and modules", window)
 		}
 	}
 }
 
-func TestRollingUpdateOverlaps(t *testing.T) {
-	t.Parallel()
-	b := loadK8s(t)
+func (b *k8sBundle) checkRollout(t *testing.T, p *problems) {
 	u := b.ds.Spec.UpdateStrategy
 	if u.Type != appsv1.RollingUpdateDaemonSetStrategyType || u.RollingUpdate == nil {
-		t.Fatalf("updateStrategy = %+v; want RollingUpdate", u)
+		p.addf("updateStrategy = %+v; want RollingUpdate", u)
+		return
 	}
 	if s := u.RollingUpdate.MaxSurge; s == nil || s.String() == "0" || s.String() == "0%" {
-		t.Errorf("maxSurge = %v; want more than 0 so the new pod overlaps the old", s)
+		p.addf("maxSurge = %v; want more than 0 so the new pod overlaps the old", s)
 	}
 	if s := u.RollingUpdate.MaxUnavailable; s == nil || (s.String() != "0" && s.String() != "0%") {
-		t.Errorf("maxUnavailable = %v; want 0 (required when surging, and no node without an agent)", s)
+		p.addf("maxUnavailable = %v; want 0 (required when surging, and no node without an agent)", s)
 	}
 	// With hostNetwork every container port is a host port, and two pods with the same
 	// host port never share a node: the surge pod would stay Pending.
-	for _, p := range b.container.Ports {
-		t.Errorf("container declares port %+v: with hostNetwork it is a hostPort and blocks maxSurge", p)
+	for _, port := range b.container.Ports {
+		p.addf("container declares port %+v: with hostNetwork it is a hostPort and blocks maxSurge", port)
 	}
 	grace := b.ds.Spec.Template.Spec.TerminationGracePeriodSeconds
 	need := b.cfg.duration(t, "shutdown_grace") + b.cfg.duration(t, "proxy.drain_timeout")
 	if grace == nil || time.Duration(*grace)*time.Second < need {
-		t.Errorf("terminationGracePeriodSeconds = %v; want at least shutdown_grace + proxy.drain_timeout = %v", grace, need)
+		p.addf("terminationGracePeriodSeconds = %v; want at least shutdown_grace + proxy.drain_timeout = %v", grace, need)
 	}
 	if v, ok := b.cfg.get("steering.keep_on_exit"); !ok || v != true {
-		t.Errorf("steering.keep_on_exit = %v; want true, so the old pod's exit does not unsteer the node during the overlap", v)
+		p.addf("steering.keep_on_exit = %v; want true, so the old pod's exit does not unsteer the node during the overlap", v)
 	}
 }
 
@@ -588,6 +581,7 @@ type need struct {
 	host      string // on the node
 	writable  bool
 	propagate bool // Bidirectional: mounts made by nodeagent must reach the node
+	own       bool // a mount of exactly this path (not a parent's)
 }
 
 func (b *k8sBundle) needs(t *testing.T) []need {
@@ -623,12 +617,13 @@ func (b *k8sBundle) needs(t *testing.T) []need {
 		ns = append(ns,
 			need{why: "steering.bpffs under host_root", container: under(bpffs), host: bpffs, writable: true, propagate: true},
 			need{why: "steering.bpffs", container: bpffs, host: bpffs, writable: true, propagate: true},
+			need{why: "bpffs", container: under("/sys/fs/bpf"), host: "/sys/fs/bpf", writable: true, propagate: true, own: true},
 		)
 		cg := c.str(t, "steering.cgroup")
 		if cg == "" {
 			cg = "/sys/fs/cgroup" // the unified cgroup v2 root
 		}
-		ns = append(ns, need{why: "steering.cgroup", container: under(cg), host: cg})
+		ns = append(ns, need{why: "steering.cgroup", container: under(cg), host: cg, own: true})
 	}
 	if c.has("otlp") {
 		q := c.str(t, "otlp.queue.dir")
@@ -637,38 +632,39 @@ func (b *k8sBundle) needs(t *testing.T) []need {
 	return ns
 }
 
-func TestDaemonSetMountsWhatTheConfigNeeds(t *testing.T) {
-	t.Parallel()
-	b := loadK8s(t)
+func (b *k8sBundle) checkMounts(t *testing.T, p *problems) {
 	for _, n := range b.needs(t) {
 		host, m, ok := b.hostPathOf(n.container)
 		if !ok {
-			t.Errorf("%s: %s is not on a hostPath mount", n.why, n.container)
+			p.addf("%s: %s is not on a hostPath mount", n.why, n.container)
 			continue
 		}
 		if host != n.host {
-			t.Errorf("%s: %s is the node's %s; want %s", n.why, n.container, host, n.host)
+			p.addf("%s: %s is the node's %s; want %s", n.why, n.container, host, n.host)
 		}
 		if n.writable && m.ReadOnly {
-			t.Errorf("%s: %s is on read-only mount %s; nodeagent writes there", n.why, n.container, m.MountPath)
+			p.addf("%s: %s is on read-only mount %s; nodeagent writes there", n.why, n.container, m.MountPath)
 		}
 		if n.writable && path.Clean(m.MountPath) == path.Clean(b.hostRoot) {
-			t.Errorf("%s: %s relies on the host_root mount; want its own mount", n.why, n.container)
+			p.addf("%s: %s relies on the host_root mount; want its own mount", n.why, n.container)
+		}
+		if n.own && path.Clean(m.MountPath) != path.Clean(n.container) {
+			p.addf("%s: %s is on mount %s; want a mount of its own", n.why, n.container, m.MountPath)
 		}
 		if n.propagate && (m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationBidirectional) {
-			t.Errorf("%s: mount %s propagation = %v; want Bidirectional", n.why, m.MountPath, m.MountPropagation)
+			p.addf("%s: mount %s propagation = %v; want Bidirectional", n.why, m.MountPath, m.MountPropagation)
 		}
 	}
 	// host_root itself: read-only, and following the node's later mounts.
 	m, vol := b.mountFor(b.hostRoot)
 	if m == nil || vol == nil || vol.HostPath == nil || vol.HostPath.Path != "/" || path.Clean(m.MountPath) != b.hostRoot {
-		t.Errorf("host_root %s: want the node's / mounted there", b.hostRoot)
+		p.addf("host_root %s: want the node's / mounted there", b.hostRoot)
 	} else {
 		if !m.ReadOnly {
-			t.Errorf("host_root mount is writable; want readOnly with the written paths mounted on their own")
+			p.addf("host_root mount is writable; want readOnly with the written paths mounted on their own")
 		}
 		if m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationHostToContainer {
-			t.Errorf("host_root propagation = %v; want HostToContainer", m.MountPropagation)
+			p.addf("host_root propagation = %v; want HostToContainer", m.MountPropagation)
 		}
 	}
 	// Every volume is mounted and every mount has a volume.
@@ -677,12 +673,12 @@ func TestDaemonSetMountsWhatTheConfigNeeds(t *testing.T) {
 	for _, vm := range b.container.VolumeMounts {
 		used[vm.Name] = true
 		if _, v := b.mountFor(vm.MountPath); v == nil {
-			t.Errorf("mount %s names volume %q, which does not exist", vm.MountPath, vm.Name)
+			p.addf("mount %s names volume %q, which does not exist", vm.MountPath, vm.Name)
 		}
 	}
 	for _, v := range spec.Volumes {
 		if !used[v.Name] {
-			t.Errorf("volume %q is not mounted", v.Name)
+			p.addf("volume %q is not mounted", v.Name)
 		}
 	}
 }
