@@ -132,7 +132,7 @@ func TestBinariesRun(t *testing.T) {
 		{"spire-server", []string{"--version"}, "1.13.3"},
 		{"spire-agent", []string{"--version"}, "1.13.3"},
 		{"jaeger", []string{"version"}, "gitVersion"},
-		{"otel-cli", []string{"--version"}, "0.4.5"},
+		{"otel-cli", []string{"help"}, "create an OpenTelemetry span"}, // 0.4.5 has no version command
 		{"telemetrygen", []string{"--help"}, "traces"},
 		{"golangci-lint", []string{"version"}, "2.15.0"},
 		{"otelcol", []string{"components"}, "otlp"},

@@ -117,12 +117,13 @@ build_tool() {
 	for spec in "${missing[@]}"; do
 		bin=${spec%%:*}
 		pkg=${spec#*:}
-		log "$tool $version: building $bin from ${module}${pkg#.} ..."
+		[[ $pkg == . ]] && pkg= || pkg=/$pkg
+		log "$tool $version: building $bin from $module$pkg ..."
 		local t0 tmp
 		t0=$(date +%s)
 		tmp="$dir/.$bin.tmp.$$"
 		TMPBIN=$tmp
-		(cd "$src" && go build -ldflags="-s -w $extra" -o "$tmp" "./$pkg")
+		(cd "$src" && go build -ldflags="-s -w $extra" -o "$tmp" ".$pkg")
 		TMPBIN=
 		mv -f "$tmp" "$dir/$bin"
 		log "$tool $version: built $bin in $(($(date +%s) - t0))s ($(du -h "$dir/$bin" | cut -f1))"
