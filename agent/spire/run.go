@@ -117,7 +117,6 @@ type runner struct {
 	s      *Spire
 	ctx    context.Context
 	inotFD int
-	wd     int
 
 	st   state
 	last health.Result
@@ -168,7 +167,7 @@ func (r *runner) rescan() {
 	if err == nil {
 		// Adding a watch again is cheap and idempotent on the same inode, and picks up
 		// a directory that was deleted and re-created.
-		r.wd, err = unix.InotifyAddWatch(r.inotFD, sockDir, inotifyMask)
+		_, err = unix.InotifyAddWatch(r.inotFD, sockDir, inotifyMask)
 		if err != nil {
 			err = fmt.Errorf("inotify watch: %w", err)
 		}
