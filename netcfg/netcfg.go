@@ -125,8 +125,10 @@ type Uplink struct {
 	mtuGauge prometheus.Gauge
 	changes  prometheus.Counter
 
-	kick        chan struct{} // buffered(1): "re-evaluate soon"
-	evaluations atomic.Int64  // snapshots taken by Run, for tests of the debounce
+	rcvBuf       int           // subscription socket receive buffer, bytes
+	kick         chan struct{} // buffered(1): "re-evaluate soon"
+	evaluations  atomic.Int64  // snapshots taken by Run, for tests of the debounce
+	resubscribes atomic.Int64  // subscriptions re-established after their socket failed
 
 	mu      sync.Mutex
 	opts    Options
@@ -142,11 +144,12 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer, rep health.R
 		return nil, err
 	}
 	u := &Uplink{
-		log:  log,
-		rep:  rep,
-		subs: netlinkSubscriptions,
-		opts: opts.withDefaults(),
-		kick: make(chan struct{}, 1),
+		log:    log,
+		rep:    rep,
+		subs:   netlinkSubscriptions,
+		rcvBuf: defaultReceiveBuffer,
+		opts:   opts.withDefaults(),
+		kick:   make(chan struct{}, 1),
 		upGauge: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "nodeagent_uplink_up",
 			Help: "1 when the uplink check passes (the interface is usable, or taken over by a ready VPP), else 0.",
@@ -234,7 +237,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 
 	for _, sub := range u.subs {
 		w := &watcher{u: u, sub: sub, ns: ns}
-		ch, err := sub.subscribe(ns, ctx.Done(), w.onError(ctx))
+		ch, err := sub.subscribe(w.params(ctx))
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil // cancelled while subscribing: the socket was closed under us

@@ -18,7 +18,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/nodeagent/nodeagent/agent/health"
 	"github.com/nodeagent/nodeagent/test/privtest"
@@ -462,20 +461,20 @@ func TestResubscribeAfterSocketError(t *testing.T) {
 
 	var calls atomic.Int32
 	broken := make(chan struct{})
-	flaky := subscription{name: "link", subscribe: func(n netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+	flaky := subscription{name: "link", subscribe: func(p subParams) (<-chan struct{}, error) {
 		if calls.Add(1) == 1 {
 			// The first socket dies under the watcher, as it does on ENOBUFS.
 			killed := make(chan struct{})
-			go func() {
+			go func(done <-chan struct{}) {
 				select {
 				case <-broken:
 				case <-done:
 				}
 				close(killed)
-			}()
-			return subscribeLinks(n, killed, onErr)
+			}(p.done)
+			p.done = killed
 		}
-		return subscribeLinks(n, done, onErr)
+		return subscribeLinks(p)
 	}}
 
 	rec := health.NewRecorder()
@@ -722,5 +721,80 @@ func TestEventStormIsDebounced(t *testing.T) {
 	// One evaluation per debounce window at most, plus the last one.
 	if limit := int64(storm/debounceDelay) + 2; evals > limit {
 		t.Errorf("got %d evaluations for %d events over %v; want at most %d (one per %v window)", evals, 2*n, storm, limit, debounceDelay)
+	}
+}
+
+// A subscription socket that overflows under an event storm (ENOBUFS) is
+// re-established, and the check converges on the state after the storm within a
+// second. The overflow is made certain: the first address subscription has the
+// smallest receive buffer the kernel allows and its reader is held until the storm is
+// over, so the kernel must drop notifications.
+func TestSurvivesSocketOverflow(t *testing.T) {
+	ns := privtest.NewNetns(t)
+	peerNS := privtest.NewNetns(t)
+	h := nsHandle(t, ns)
+	addVeth(t, h, "eth1", "peer1", peerNS)
+	addVeth(t, h, "eth9", "peer9", peerNS)
+	eth1, eth9 := mustLink(t, h, "eth1"), mustLink(t, h, "eth9")
+
+	hold := make(chan struct{})
+	var addrCalls atomic.Int32
+	heldAddrs := subscription{name: "address", subscribe: func(p subParams) (<-chan struct{}, error) {
+		if addrCalls.Add(1) > 1 {
+			return subscribeAddrs(p) // the resubscription is the real one
+		}
+		ch := make(chan netlink.AddrUpdate)
+		err := netlink.AddrSubscribeWithOptions(ch, p.done, netlink.AddrSubscribeOptions{
+			Namespace: nsOption(p.ns), ErrorCallback: p.onErr, ReceiveBufferSize: 1,
+		})
+		if err != nil {
+			return nil, err
+		}
+		return forward(ch, func(netlink.AddrUpdate) bool {
+			select {
+			case <-hold:
+			case <-p.done:
+			}
+			return true
+		}), nil
+	}}
+
+	rec := health.NewRecorder()
+	u, err := New(Options{Interface: "eth1", HostRoot: t.TempDir(), NetnsPath: ns.Path}, testLog(t), prometheus.NewRegistry(), rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.subs = []subscription{{name: "link", subscribe: subscribeLinks}, heldAddrs}
+	running(t, u)
+	if got, ok := rec.WaitFor(health.Uplink, seenWithin, func(r health.Result) bool {
+		return r.Detail == "eth1: administratively down, no global address"
+	}); !ok {
+		t.Fatalf("got %+v; want eth1 down", got)
+	}
+
+	const n = 500
+	for i := range n {
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 9, byte(i/250), byte(i%250+1)), Mask: net.CIDRMask(16, 32)}}
+		if err := h.AddrAdd(eth9, addr); err != nil {
+			t.Fatalf("add address %d: %v", i, err)
+		}
+	}
+	close(hold)
+	deadline := time.Now().Add(3 * time.Second) // the resubscribe waits out its backoff
+	for addrCalls.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := u.resubscribes.Load(); addrCalls.Load() < 2 || got != 1 {
+		t.Fatalf("got %d address subscriptions, %d resubscribes after overflowing the socket; want 2 and 1", addrCalls.Load(), got)
+	}
+
+	// The address subscription is the only one that sees an address change.
+	if err := h.AddrAdd(eth1, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 0, 0, 7), Mask: net.CIDRMask(24, 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := rec.WaitFor(health.Uplink, seenWithin, func(r health.Result) bool {
+		return r.Detail == "eth1: administratively down"
+	}); !ok {
+		t.Fatalf("after resubscribing got %+v; want the address on eth1 seen", got)
 	}
 }

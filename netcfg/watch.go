@@ -10,11 +10,23 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// subscribeFunc starts one netlink subscription in ns, with an initial dump of what
-// exists. The returned channel receives a value (coalesced) for each notification and
-// is closed when the subscription's socket fails or done is closed. onErr is called
-// from the subscription's goroutine and must not block.
-type subscribeFunc func(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error)
+// subscribeFunc starts one netlink subscription, with an initial dump of what exists.
+// The returned channel receives a value (coalesced) for each notification and is
+// closed when the subscription's socket fails or p.done is closed.
+type subscribeFunc func(p subParams) (<-chan struct{}, error)
+
+// subParams are a subscription's parameters.
+type subParams struct {
+	ns     netns.NsHandle  // namespace to watch; netns.None(): the current one
+	done   <-chan struct{} // closing it closes the socket
+	onErr  func(error)     // netlink's ErrorCallback; called from its goroutine, must not block
+	rcvBuf int             // socket receive buffer in bytes (capped by net.core.rmem_max); 0: kernel default
+}
+
+// defaultReceiveBuffer sizes the subscription sockets so that a burst of events (a
+// node starting many pods) does not overflow them; an overflow (ENOBUFS) is survived
+// by resubscribing, but costs a re-dump.
+const defaultReceiveBuffer = 1 << 20
 
 type subscription struct {
 	name      string
@@ -35,10 +47,10 @@ func nsOption(ns netns.NsHandle) *netns.NsHandle {
 	return &ns
 }
 
-func subscribeLinks(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+func subscribeLinks(p subParams) (<-chan struct{}, error) {
 	ch := make(chan netlink.LinkUpdate, 64)
-	err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
-		Namespace: nsOption(ns), ErrorCallback: onErr, ListExisting: true,
+	err := netlink.LinkSubscribeWithOptions(ch, p.done, netlink.LinkSubscribeOptions{
+		Namespace: nsOption(p.ns), ErrorCallback: p.onErr, ListExisting: true, ReceiveBufferSize: p.rcvBuf,
 	})
 	if err != nil {
 		return nil, err
@@ -46,10 +58,10 @@ func subscribeLinks(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) 
 	return forward(ch, func(netlink.LinkUpdate) bool { return true }), nil
 }
 
-func subscribeAddrs(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+func subscribeAddrs(p subParams) (<-chan struct{}, error) {
 	ch := make(chan netlink.AddrUpdate, 64)
-	err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{
-		Namespace: nsOption(ns), ErrorCallback: onErr, ListExisting: true,
+	err := netlink.AddrSubscribeWithOptions(ch, p.done, netlink.AddrSubscribeOptions{
+		Namespace: nsOption(p.ns), ErrorCallback: p.onErr, ListExisting: true, ReceiveBufferSize: p.rcvBuf,
 	})
 	if err != nil {
 		return nil, err
@@ -57,10 +69,10 @@ func subscribeAddrs(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) 
 	return forward(ch, func(netlink.AddrUpdate) bool { return true }), nil
 }
 
-func subscribeRoutes(ns netns.NsHandle, done <-chan struct{}, onErr func(error)) (<-chan struct{}, error) {
+func subscribeRoutes(p subParams) (<-chan struct{}, error) {
 	ch := make(chan netlink.RouteUpdate, 64)
-	err := netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{
-		Namespace: nsOption(ns), ErrorCallback: onErr, ListExisting: true,
+	err := netlink.RouteSubscribeWithOptions(ch, p.done, netlink.RouteSubscribeOptions{
+		Namespace: nsOption(p.ns), ErrorCallback: p.onErr, ListExisting: true, ReceiveBufferSize: p.rcvBuf,
 	})
 	if err != nil {
 		return nil, err
@@ -97,6 +109,10 @@ type watcher struct {
 
 	mu      sync.Mutex
 	lastErr error
+}
+
+func (w *watcher) params(ctx context.Context) subParams {
+	return subParams{ns: w.ns, done: ctx.Done(), onErr: w.onError(ctx), rcvBuf: w.u.rcvBuf}
 }
 
 // onError is the subscription's ErrorCallback. An interrupted dump means the initial
@@ -149,12 +165,13 @@ func (w *watcher) run(ctx context.Context, ch <-chan struct{}) {
 			}
 			backoff = min(backoff*2, maxBackoff)
 			var serr error
-			ch, serr = w.sub.subscribe(w.ns, ctx.Done(), w.onError(ctx))
+			ch, serr = w.sub.subscribe(w.params(ctx))
 			if serr == nil {
 				break
 			}
 			w.u.log.Warn("resubscribe to netlink updates", "subscription", w.sub.name, "backoff", backoff, "error", serr)
 		}
+		w.u.resubscribes.Add(1)
 		// Whatever changed while the socket was down shows in the next evaluation.
 		w.u.trigger()
 	}
