@@ -4,7 +4,7 @@
 // node and queues — and, once VPP has taken the NIC over, the tap that replaces it.
 //
 // The check is watched, not polled: netlink link, address and route subscriptions
-// trigger a re-evaluation (debounced by debounceDelay, so always well within a second
+// trigger a re-evaluation (debounced by 75 ms, so always well within a second
 // of the change). A dump the kernel flags as interrupted is redone; a subscription
 // whose socket fails (for example ENOBUFS after an event storm) is re-established with
 // backoff, and its initial dump re-reads everything that may have been missed.
