@@ -278,7 +278,7 @@ func isEmptyDir(p string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("open %s: %w", p, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	names, err := f.Readdirnames(1)
 	if len(names) > 0 {
 		return false, nil

@@ -60,7 +60,7 @@ func (l *lazySource) run(ctx context.Context, log *slog.Logger) {
 			log.Info("x509 source for mtls ready", "socket", l.path)
 			<-ctx.Done()
 			l.src.Store(nil)
-			src.Close()
+			_ = src.Close()
 			return
 		}
 		if ctx.Err() != nil {

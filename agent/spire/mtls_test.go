@@ -33,7 +33,7 @@ func startMTLSServer(t *testing.T, svid *x509svid.SVID, ca *fakeworkload.CA, aut
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { lis.Close() })
+	t.Cleanup(func() { _ = lis.Close() })
 	s := &mtlsServer{addr: lis.Addr().String(), peers: make(chan *x509.Certificate, 16)}
 	go func() {
 		for {
@@ -42,7 +42,7 @@ func startMTLSServer(t *testing.T, svid *x509svid.SVID, ca *fakeworkload.CA, aut
 				return
 			}
 			go func() {
-				defer c.Close()
+				defer func() { _ = c.Close() }()
 				tc := c.(*tls.Conn)
 				_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
 				if err := tc.Handshake(); err != nil {
@@ -65,7 +65,7 @@ func (s *mtlsServer) dial(cfg *tls.Config) error {
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	buf := make([]byte, 2)
 	_, err = c.Read(buf) // TLS 1.3: the server's verdict on the client cert arrives here
 	return err

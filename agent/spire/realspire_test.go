@@ -44,7 +44,7 @@ func agentPID(t *testing.T, socket string) int {
 	if err != nil {
 		t.Fatalf("dial agent socket: %v", err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	raw, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
@@ -77,7 +77,7 @@ func TestRealSpire(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { os.RemoveAll(expDir) })
+		t.Cleanup(func() { _ = os.RemoveAll(expDir) })
 		t.Cleanup(func() {
 			for unix.Unmount(expDir, unix.MNT_DETACH) == nil {
 			}
@@ -259,7 +259,7 @@ func tlsRoundTrip(addr string, cfg *tls.Config) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	return strings.TrimSpace(line), err
@@ -279,7 +279,7 @@ func TestHelperMTLSServer(t *testing.T) {
 		fmt.Fprintf(os.Stderr, "x509 source: %v\n", err)
 		os.Exit(1)
 	}
-	defer src.Close()
+	defer func() { _ = src.Close() }()
 	allowed := spiffeid.RequireFromString(os.Getenv("HELPER_AUTHORIZE"))
 	lis, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(src, src, tlsconfig.AuthorizeID(allowed)))
 	if err != nil {
@@ -296,7 +296,7 @@ func TestHelperMTLSServer(t *testing.T) {
 			os.Exit(0)
 		}
 		go func() {
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			tc := c.(*tls.Conn)
 			_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
 			if err := tc.Handshake(); err != nil {
@@ -306,7 +306,7 @@ func TestHelperMTLSServer(t *testing.T) {
 			if err != nil {
 				return
 			}
-			fmt.Fprintf(tc, "peer %s\n", id)
+			_, _ = fmt.Fprintf(tc, "peer %s\n", id)
 		}()
 	}
 }

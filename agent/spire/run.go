@@ -45,7 +45,7 @@ func (s *Spire) Run(ctx context.Context) error {
 	}
 	// Non-blocking, so os.File reads go through the runtime poller and Close wakes them.
 	inot := os.NewFile(uintptr(fd), "inotify")
-	defer inot.Close()
+	defer func() { _ = inot.Close() }()
 	kick := make(chan struct{}, 1)
 	readerDone := make(chan struct{})
 	go func() {
@@ -67,7 +67,7 @@ func (s *Spire) Run(ctx context.Context) error {
 	r := &runner{s: s, ctx: ctx, inotFD: fd, apiCh: make(chan apiEvent)}
 	defer func() {
 		r.stopSession()
-		inot.Close()
+		_ = inot.Close() // wakes the reader
 		<-readerDone
 		s.m.socketUp.Set(0)
 	}()
@@ -221,7 +221,7 @@ func (r *runner) startSession(path string) {
 			w.OnX509ContextWatchError(err)
 			return
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }()
 		// Returns only when ctx is done; errors (agent gone, PermissionDenied) reach
 		// the watcher and the watch is retried with fastBackoff.
 		_ = c.WatchX509Context(ctx, w)

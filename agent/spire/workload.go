@@ -170,6 +170,6 @@ func fetchOnce(ctx context.Context, path string) (*workloadapi.X509Context, erro
 	if err != nil {
 		return nil, fmt.Errorf("workload api client for %s: %w", path, err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	return c.FetchX509Context(ctx)
 }

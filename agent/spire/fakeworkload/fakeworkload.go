@@ -143,13 +143,13 @@ func (s *Server) Start() error {
 		return fmt.Errorf("listen on %s: %w", s.path, err)
 	}
 	if err := os.Chmod(s.path, 0o777); err != nil {
-		lis.Close()
+		_ = lis.Close()
 		return fmt.Errorf("chmod %s: %w", s.path, err)
 	}
 	g := grpc.NewServer()
 	workload.RegisterSpiffeWorkloadAPIServer(g, &api{s: s})
 	s.grpc, s.lis = g, lis
-	go g.Serve(&credListener{UnixListener: lis, s: s})
+	go func() { _ = g.Serve(&credListener{UnixListener: lis, s: s}) }()
 	return nil
 }
 
@@ -207,7 +207,7 @@ type credListener struct {
 }
 
 func (l *credListener) Accept() (net.Conn, error) {
-	c, err := l.UnixListener.AcceptUnix()
+	c, err := l.AcceptUnix()
 	if err != nil {
 		return nil, err
 	}
