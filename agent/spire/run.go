@@ -222,8 +222,12 @@ func (r *runner) startSession(path string) {
 			return
 		}
 		defer func() { _ = c.Close() }()
-		// Returns only when ctx is done; errors (agent gone, PermissionDenied) reach
-		// the watcher and the watch is retried with fastBackoff.
+		// The client's watch rather than an X509Source: the source is built on the same
+		// FetchX509SVID stream but swallows its errors, and NewX509Source blocks until
+		// the first SVID, so it cannot tell "agent gone" from "no identity" — which is
+		// what this check is about. WatchX509Context returns only when ctx is done;
+		// errors (agent gone, PermissionDenied) reach the watcher and the watch is
+		// retried with fastBackoff. Rotations arrive as updates on the stream.
 		_ = c.WatchX509Context(ctx, w)
 	}()
 }

@@ -42,8 +42,14 @@ type Options struct {
 	// (`spire.socket`; default DefaultSocket).
 	Socket string
 	// ExposeAt is an optional second host path at which connecting reaches the same
-	// socket (`spire.expose_at`; default "": none). See expose.go for how.
+	// socket (`spire.expose_at`; default "": none). In the socket's directory it is a
+	// relative symlink; in another directory that directory becomes a bind mount of the
+	// socket's (needs CAP_SYS_ADMIN and Linux 5.8). See expose.go for why.
 	ExposeAt string
+	// RequireIdentity makes "serving, no identity issued" a failure instead of a pass
+	// (no config key; the agent sets it when otlp.exporter.spiffe needs the node's
+	// SVID). Default false: PermissionDenied proves the agent serves.
+	RequireIdentity bool
 	// ExpiryMargin fails the check when the SVID expires within this duration without
 	// having been rotated. 0 (the default; no config key) means a sixth of the SVID's
 	// lifetime: SPIRE rotates X509-SVIDs once half their lifetime has passed, so an

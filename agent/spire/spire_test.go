@@ -193,6 +193,7 @@ func TestEvaluate(t *testing.T) {
 		{"no answer yet", opts, state{socketPresent: true}, false, "waiting for the workload api", time.Time{}},
 		{"refused", opts, state{socketPresent: true, api: apiFailing, apiErr: status.Error(codes.Unavailable, "connection refused")}, false, "not serving: unavailable: connection refused", time.Time{}},
 		{"no identity", opts, state{socketPresent: true, api: apiNoIdentity}, true, "serving, no identity issued", time.Time{}},
+		{"no identity when one is required", Options{Socket: DefaultSocket, RequireIdentity: true}, state{socketPresent: true, api: apiNoIdentity}, false, "no identity issued for nodeagent (permission denied); an identity is required", time.Time{}},
 		{"identity", opts, state{socketPresent: true, api: apiIdentity, x509: hour}, true,
 			"serving, spiffe://example.org/nodeagent (trust domain example.org), expires " + now.Add(50*time.Minute).UTC().Format(time.RFC3339) + ", bundle 1 authorities",
 			now.Add(40 * time.Minute)},

@@ -81,8 +81,11 @@ func evaluate(o Options, st state, now time.Time) (health.Result, time.Time) {
 	case st.api == apiFailing:
 		res.Detail = fmt.Sprintf("socket present, not serving: %s", errText(st.apiErr))
 	case st.api == apiNoIdentity:
-		res.OK = true
+		res.OK = !o.RequireIdentity
 		res.Detail = "serving, no identity issued for nodeagent (permission denied)"
+		if o.RequireIdentity {
+			res.Detail += "; an identity is required"
+		}
 	default:
 		svid := st.x509.DefaultSVID()
 		leaf := svid.Certificates[0]
