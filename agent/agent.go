@@ -140,7 +140,7 @@ func (a *Agent) Run(ctx context.Context, reload <-chan struct{}) error {
 
 	subCtx, cancelSubs := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelSubs()
-	a.wiring = &wiring{listeners: a.listeners}
+	a.wiring = &wiring{ctx: subCtx, listeners: a.listeners, log: a.log}
 	a.startEnabled(ctx, subCtx, a.cfg)
 	a.status.SetStarted()
 

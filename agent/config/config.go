@@ -125,6 +125,8 @@ type Exporter struct {
 	Path        string            `yaml:"path"`
 	Insecure    bool              `yaml:"insecure"`
 	CAFile      string            `yaml:"ca_file"`
+	CertFile    string            `yaml:"cert_file"` // client certificate (PEM) for mTLS without SPIFFE
+	KeyFile     string            `yaml:"key_file"`
 	Spiffe      Spiffe            `yaml:"spiffe"`
 	Headers     map[string]string `yaml:"headers"`
 	Timeout     Duration          `yaml:"timeout"`
@@ -148,7 +150,7 @@ type Queue struct {
 	Dir       string `yaml:"dir"`
 	MaxBytes  Size   `yaml:"max_bytes"`
 	Consumers int    `yaml:"consumers"`
-	Fsync     string `yaml:"fsync"` // never | batch | always
+	Fsync     string `yaml:"fsync"` // never | segment | always
 }
 
 // Retry configures export retries.

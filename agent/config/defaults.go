@@ -61,8 +61,8 @@ func defaultOTLP() *OTLP {
 			Compression: "gzip",
 		},
 		MaxRequestSize: 64 << 20,
-		Batch:          Batch{MaxSpans: 8192, MaxBytes: 8 << 20, Timeout: Duration(200 * time.Millisecond)},
-		Queue:          Queue{Dir: "/var/lib/nodeagent/otlp", MaxBytes: 512 << 20, Consumers: 4, Fsync: "batch"},
+		Batch:          Batch{MaxSpans: 8192, MaxBytes: 3 << 20, Timeout: Duration(200 * time.Millisecond)},
+		Queue:          Queue{Dir: "/var/lib/nodeagent/otlp", MaxBytes: 512 << 20, Consumers: 4, Fsync: "segment"},
 		Retry:          Retry{InitialInterval: Duration(time.Second), MaxInterval: Duration(30 * time.Second)},
 		MemoryLimit:    400 << 20,
 	}

@@ -313,21 +313,14 @@ func (c *Config) validateSteering(v *validator) {
 	if c.Proxy == nil {
 		return
 	}
-	var v4, v6 bool
+	var v4 bool
 	for _, l := range c.Proxy.Listen {
 		if ap, err := netip.ParseAddrPort(l); err == nil && ap.Addr().IsLoopback() {
 			v4 = v4 || ap.Addr().Is4()
-			v6 = v6 || ap.Addr().Is6()
 		}
 	}
 	if !v4 {
 		v.add("proxy.listen", "steering needs a loopback listener such as 127.0.0.1:15001 for host sockets")
-	}
-	for _, k := range sortedKeys(c.Proxy.AddressMap) {
-		if ap, err := ParseMapKey(k); err == nil && ap.Addr().Is6() && !v6 {
-			v.add(fmt.Sprintf("proxy.address_map[%q]", k), "an IPv6 destination needs an IPv6 loopback listener in proxy.listen, such as [::1]:15001")
-			break
-		}
 	}
 	if s.PodRedirect == "" {
 		return
@@ -370,8 +363,13 @@ func (o *OTLP) validate(v *validator, bound listeners, haveSpire bool) {
 	default:
 		v.add("otlp.exporter.protocol", "%q: want grpc, http or file", e.Protocol)
 	}
-	if e.CAFile != "" {
-		v.absPath("otlp.exporter.ca_file", e.CAFile)
+	for key, p := range map[string]string{"ca_file": e.CAFile, "cert_file": e.CertFile, "key_file": e.KeyFile} {
+		if p != "" {
+			v.absPath("otlp.exporter."+key, p)
+		}
+	}
+	if (e.CertFile == "") != (e.KeyFile == "") {
+		v.add("otlp.exporter.cert_file", "cert_file and key_file go together")
 	}
 	if e.Spiffe.ServerID != "" {
 		if !strings.HasPrefix(e.Spiffe.ServerID, "spiffe://") || len(e.Spiffe.ServerID) <= len("spiffe://") {
@@ -408,13 +406,16 @@ func (o *OTLP) validate(v *validator, bound listeners, haveSpire bool) {
 	if o.Queue.MaxBytes < 1<<20 {
 		v.add("otlp.queue.max_bytes", "%s: want at least 1MiB", o.Queue.MaxBytes)
 	}
+	if o.Queue.MaxBytes <= o.MaxRequestSize {
+		v.add("otlp.queue.max_bytes", "%s must exceed max_request_size %s, or one large request could never be queued", o.Queue.MaxBytes, o.MaxRequestSize)
+	}
 	if o.Queue.Consumers < 1 || o.Queue.Consumers > 256 {
 		v.add("otlp.queue.consumers", "%d: want 1..256", o.Queue.Consumers)
 	}
 	switch o.Queue.Fsync {
-	case "never", "batch", "always":
+	case "never", "segment", "always":
 	default:
-		v.add("otlp.queue.fsync", "%q: want never, batch or always", o.Queue.Fsync)
+		v.add("otlp.queue.fsync", "%q: want never, segment or always", o.Queue.Fsync)
 	}
 	if o.Retry.InitialInterval <= 0 {
 		v.add("otlp.retry.initial_interval", "must be positive")
