@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -25,6 +26,22 @@ var ErrNoSVID = errors.New("no x509-svid from the spire workload api yet")
 func (s *Spire) MTLSClientConfig(ctx context.Context, serverID spiffeid.ID) (*tls.Config, error) {
 	o := s.options()
 	return MTLSClientConfig(ctx, o.hostPath(o.Socket), serverID, s.log)
+}
+
+// MTLSConfigFunc adapts MTLSClientConfig to a TLS config provider such as the OTLP
+// exporter's `TLSConfig func() (*tls.Config, error)`: the config (and its X509Source
+// on the socket, kept until ctx is done) is made on the first call and the same one,
+// which reads the current SVID on every handshake, is returned afterwards.
+func (s *Spire) MTLSConfigFunc(ctx context.Context, serverID spiffeid.ID) func() (*tls.Config, error) {
+	var (
+		once sync.Once
+		cfg  *tls.Config
+		err  error
+	)
+	return func() (*tls.Config, error) {
+		once.Do(func() { cfg, err = s.MTLSClientConfig(ctx, serverID) })
+		return cfg, err
+	}
 }
 
 // MTLSClientConfig returns a TLS client config (go-spiffe tlsconfig.MTLSClientConfig)

@@ -15,6 +15,12 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	grpchealth "google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"github.com/nodeagent/nodeagent/agent/spire/fakeworkload"
 )
@@ -216,5 +222,85 @@ func TestSpireMTLSClientConfigUsesSocket(t *testing.T) {
 			t.Fatalf("GetClientCertificate after cancel: got %v; want ErrNoSVID", err)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestMTLSConfigFuncGRPC uses the provider the way the OTLP exporter does: one gRPC
+// client with credentials.NewTLS over the provided config, to a gRPC server that
+// authorises only the node's SPIFFE ID.
+func TestMTLSConfigFuncGRPC(t *testing.T) {
+	f := newFixture(t, nil)
+	if err := os.MkdirAll(filepath.Dir(f.fake.Path()), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.fake.Start(); err != nil {
+		t.Fatal(err)
+	}
+	f.fake.SetX509(f.svid(time.Now().Add(-time.Minute), time.Now().Add(time.Hour)))
+	serverID := spiffeid.RequireFromPath(testTD, "/collector")
+
+	serve := func(authorize tlsconfig.Authorizer) string {
+		lis, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsconfig.MTLSServerConfig(parseSVID(t, f.ca, serverID), bundleSet(f.ca), authorize))))
+		healthpb.RegisterHealthServer(g, grpchealth.NewServer())
+		go func() { _ = g.Serve(lis) }()
+		t.Cleanup(g.Stop)
+		return lis.Addr().String()
+	}
+	check := func(addr string, provider func() (*tls.Config, error)) error {
+		cfg, err := provider()
+		if err != nil {
+			return err
+		}
+		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			return err
+		}
+		defer func() { _ = cc.Close() }()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err = healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	provider := f.sp.MTLSConfigFunc(ctx, serverID)
+	good := serve(tlsconfig.AuthorizeID(testNodeID))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := check(good, provider)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("gRPC health over SPIFFE mTLS: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	a, _ := provider()
+	b, _ := provider()
+	if a != b {
+		t.Errorf("provider returned different configs; want one shared config")
+	}
+
+	refusing := serve(tlsconfig.AuthorizeID(spiffeid.RequireFromPath(testTD, "/someone-else")))
+	if err := check(refusing, provider); status.Code(err) != codes.Unavailable {
+		t.Errorf("gRPC to a server that does not authorise the node: got %v; want Unavailable (handshake refused)", err)
+	}
+	wrongID := f.sp.MTLSConfigFunc(ctx, spiffeid.RequireFromPath(testTD, "/not-the-collector"))
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		err := check(good, wrongID)
+		if err != nil && strings.Contains(err.Error(), "unexpected ID") {
+			break
+		}
+		if time.Now().After(deadline) || (err != nil && !errors.Is(err, ErrNoSVID) && !strings.Contains(err.Error(), ErrNoSVID.Error())) {
+			t.Fatalf("gRPC expecting another server ID: got %v; want an unexpected ID refusal", err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
