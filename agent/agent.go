@@ -41,10 +41,9 @@ type Agent struct {
 	running map[string]*instanceState // by component name
 	wiring  *wiring
 
-	reloads       *prometheus.CounterVec
-	reloadOK      prometheus.Gauge
-	restarts      *prometheus.CounterVec
-	configLoadErr error
+	reloads  *prometheus.CounterVec
+	reloadOK prometheus.Gauge
+	restarts *prometheus.CounterVec
 }
 
 type instanceState struct {
@@ -151,8 +150,7 @@ func (a *Agent) Run(ctx context.Context, reload <-chan struct{}) error {
 		case <-ctx.Done():
 			return a.shutdown(srv, notify)
 		case err := <-serveErr:
-			a.shutdown(srv, notify)
-			return fmt.Errorf("health server: %w", err)
+			return errors.Join(fmt.Errorf("health server: %w", err), a.shutdown(srv, notify))
 		case <-reload:
 			notify.reloading()
 			a.reload(subCtx)

@@ -82,7 +82,7 @@ type adapter[O any] struct {
 	opts   func(*config.Config) O
 }
 
-func (a adapter[O]) Run(ctx context.Context) error  { return a.r.Run(ctx) }
+func (a adapter[O]) Run(ctx context.Context) error   { return a.r.Run(ctx) }
 func (a adapter[O]) Update(cfg *config.Config) error { return a.update(a.opts(cfg)) }
 
 // defaultComponents lists the subsystems in start order: hostprep, uplink, spire,

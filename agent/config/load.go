@@ -117,7 +117,7 @@ func Parse(data []byte) (*Config, error) {
 	if err := root.Decode(&cfg); err != nil {
 		var te *yaml.TypeError
 		if !errors.As(err, &te) {
-			return nil, fmt.Errorf(" %v", err)
+			return nil, fmt.Errorf(" %w", err)
 		}
 		for _, e := range te.Errors {
 			problems = append(problems, withPath(e, paths))
