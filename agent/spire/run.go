@@ -44,8 +44,8 @@ func (s *Spire) Run(ctx context.Context) error {
 		return fmt.Errorf("inotify init: %w", err)
 	}
 	// Non-blocking, so os.File reads go through the runtime poller and Close wakes them.
-	inot := os.NewFile(uintptr(fd), "inotify")
-	defer func() { _ = inot.Close() }()
+	inotifyFile := os.NewFile(uintptr(fd), "inotify")
+	defer func() { _ = inotifyFile.Close() }()
 	kick := make(chan struct{}, 1)
 	readerDone := make(chan struct{})
 	go func() {
@@ -54,7 +54,7 @@ func (s *Spire) Run(ctx context.Context) error {
 		for {
 			// Every event leads to a full rescan (a handful of stats), so events are
 			// only counted, not parsed; IN_Q_OVERFLOW needs nothing special either.
-			if _, err := inot.Read(buf); err != nil {
+			if _, err := inotifyFile.Read(buf); err != nil {
 				return
 			}
 			select {
@@ -67,7 +67,7 @@ func (s *Spire) Run(ctx context.Context) error {
 	r := &runner{s: s, ctx: ctx, inotFD: fd, apiCh: make(chan apiEvent)}
 	defer func() {
 		r.stopSession()
-		_ = inot.Close() // wakes the reader
+		_ = inotifyFile.Close() // wakes the reader
 		<-readerDone
 		s.m.socketUp.Set(0)
 	}()
