@@ -68,6 +68,11 @@ func TestRollingUpdateOverlapOnOneNode(t *testing.T) {
 	if len(d.refused) > 0 {
 		t.Errorf("%d connections refused during the overlap; want none: %v", len(d.refused), d.refused[:min(len(d.refused), 10)])
 	}
+	for a, n := range d.resets {
+		if a != addrs["proxy"] {
+			t.Errorf("%d connects to %s reset; only the proxy resets connections it cannot map", n, a)
+		}
+	}
 	if code, err := httpStatus(addrs["health"], "/healthz"); err != nil || code != 200 {
 		t.Errorf("after the old pod stopped, /healthz: %d %v; want 200 from the new pod", code, err)
 	}
