@@ -17,6 +17,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -597,5 +598,11 @@ func TestUpdate(t *testing.T) {
 	bad.Exporter.Protocol = "carrier-pigeon"
 	if err := r.Update(bad); err == nil || !strings.Contains(err.Error(), "otlp.exporter.protocol") {
 		t.Fatalf("got %v; want an error naming otlp.exporter.protocol", err)
+	}
+}
+
+func TestGzipCompressorIsOurs(t *testing.T) {
+	if _, ok := encoding.GetCompressor("gzip").(*gzipCompressor); !ok {
+		t.Fatalf("got gRPC gzip compressor %T; want the relay's *gzipCompressor", encoding.GetCompressor("gzip"))
 	}
 }
