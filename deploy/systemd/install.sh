@@ -1,27 +1,28 @@
 #!/bin/sh
 # Installs nodeagent for systemd: the binary, the service and socket units, and the
-# example config (never over an existing one). `make install` runs it.
+# example config (never over an existing one). `make install` runs it:
 #
-#   deploy/systemd/install.sh BINARY
+#   deploy/systemd/install.sh DESTDIR PREFIX BINARY
 #
-# Environment (as in `make install DESTDIR=... PREFIX=...`):
-#   DESTDIR     staging root for packaging (default: empty, the real system)
-#   PREFIX      /usr/local (binary in PREFIX/bin)
-#   UNITDIR     PREFIX/lib/systemd/system (/usr/local/lib/systemd/system and
+#   DESTDIR     staging root for packaging; "" for the real system
+#   PREFIX      e.g. /usr/local: the binary goes to PREFIX/bin
+#   BINARY      the built nodeagent
+# Optional environment:
+#   UNITDIR     PREFIX/lib/systemd/system by default (/usr/local/lib/systemd/system and
 #               /usr/lib/systemd/system are both on systemd's search path)
-#   SYSCONFDIR  /etc (config in SYSCONFDIR/nodeagent/config.yaml)
+#   SYSCONFDIR  /etc by default: the config is SYSCONFDIR/nodeagent/config.yaml
 # The units name /usr/local/bin/nodeagent and /etc/nodeagent/; both are rewritten to
 # PREFIX and SYSCONFDIR as installed (without DESTDIR, which is only for staging).
 set -eu
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 BINARY" >&2
+if [ $# -ne 3 ]; then
+	echo "usage: $0 DESTDIR PREFIX BINARY" >&2
 	exit 2
 fi
-bin=$1
+DESTDIR=$1
+PREFIX=${2:-/usr/local}
+bin=$3
 here=$(cd "$(dirname "$0")" && pwd)
-DESTDIR=${DESTDIR:-}
-PREFIX=${PREFIX:-/usr/local}
 UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
 

@@ -270,10 +270,11 @@ func systemdAnalyze(t *testing.T) string {
 	return p
 }
 
-// install runs deploy/systemd/install.sh with env and the executable bin.
-func install(t *testing.T, bin string, env ...string) string {
+// install runs deploy/systemd/install.sh DESTDIR PREFIX BINARY (as `make install`
+// does) with env added (UNITDIR, SYSCONFDIR).
+func install(t *testing.T, destdir, prefix, bin string, env ...string) string {
 	t.Helper()
-	cmd := exec.Command("sh", deployPath(t, "systemd", "install.sh"), bin)
+	cmd := exec.Command("sh", deployPath(t, "systemd", "install.sh"), destdir, prefix, bin)
 	cmd.Env = append(os.Environ(), env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -313,7 +314,7 @@ func TestSystemdAnalyzeVerify(t *testing.T) {
 	// ExecStart's binary exists where the unit says).
 	dir := t.TempDir()
 	prefix, etc := filepath.Join(dir, "usr"), filepath.Join(dir, "etc")
-	install(t, fakeBinary(t), "DESTDIR=", "PREFIX="+prefix, "SYSCONFDIR="+etc)
+	install(t, "", prefix, fakeBinary(t), "SYSCONFDIR="+etc)
 	unitDir := filepath.Join(prefix, "lib", "systemd", "system")
 	files, _ := filepath.Glob(filepath.Join(unitDir, "nodeagent*"))
 	if len(files) != 5 {
@@ -338,7 +339,7 @@ func TestInstallScript(t *testing.T) {
 	t.Parallel()
 	bin := fakeBinary(t)
 	dest := t.TempDir()
-	out := install(t, bin, "DESTDIR="+dest, "PREFIX=/usr")
+	out := install(t, dest, "/usr", bin)
 	if strings.Contains(out, "daemon-reload") {
 		t.Errorf("install with DESTDIR suggests daemon-reload: %q", out)
 	}
@@ -386,7 +387,7 @@ func TestInstallScript(t *testing.T) {
 	if err := os.WriteFile(conf, mine, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out = install(t, bin, "DESTDIR="+dest, "PREFIX=/usr")
+	out = install(t, dest, "/usr", bin)
 	if got, _ := os.ReadFile(conf); !bytes.Equal(got, mine) {
 		t.Errorf("second install overwrote the existing config: %q", got)
 	}
@@ -394,9 +395,10 @@ func TestInstallScript(t *testing.T) {
 		t.Errorf("second install did not say it kept the config: %q", out)
 	}
 
-	// The default PREFIX is /usr/local, with units where systemd looks for local ones.
+	// PREFIX /usr/local (make's default; also what an empty PREFIX means), with the
+	// units where systemd looks for local ones.
 	dest2 := t.TempDir()
-	install(t, bin, "DESTDIR="+dest2)
+	install(t, dest2, "", bin)
 	for _, p := range []string{"usr/local/bin/nodeagent", "usr/local/lib/systemd/system/nodeagent.service"} {
 		if _, err := os.Stat(filepath.Join(dest2, p)); err != nil {
 			t.Errorf("default PREFIX: %v", err)
