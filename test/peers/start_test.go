@@ -129,3 +129,35 @@ func TestStartSpire(t *testing.T) {
 		t.Errorf("got join token %q; want a token", tok)
 	}
 }
+
+func TestStartOtelcol(t *testing.T) {
+	t.Parallel()
+	j := StartJaeger(t)
+	c := StartOtelcol(t, j.OTLPGRPCAddr)
+	traceID, spanID := randHex(t, 16), randHex(t, 8)
+	resp, err := http.Post("http://"+c.OTLPHTTPAddr+"/v1/traces", "application/json",
+		bytes.NewReader(otlpJSONTrace("peers-via-otelcol", "op", traceID, spanID)))
+	if err != nil {
+		t.Fatalf("POST OTLP/HTTP to otelcol: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST OTLP/HTTP to otelcol: got %s; want 200 OK", resp.Status)
+	}
+	got := j.WaitTraces(t, "peers-via-otelcol", 1, 30*time.Second)
+	if got[0].TraceID != traceID {
+		t.Errorf("got trace %s; want %s", got[0].TraceID, traceID)
+	}
+
+	// The debug exporter (no upstream) accepts and drops.
+	d := StartOtelcol(t, "")
+	resp, err = http.Post("http://"+d.OTLPHTTPAddr+"/v1/traces", "application/json",
+		bytes.NewReader(otlpJSONTrace("dropped", "op", randHex(t, 16), randHex(t, 8))))
+	if err != nil {
+		t.Fatalf("POST OTLP/HTTP to debug otelcol: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("POST OTLP/HTTP to debug otelcol: got %s; want 200 OK", resp.Status)
+	}
+}

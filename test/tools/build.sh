@@ -46,8 +46,9 @@ module_of() {
 ldflags_of() {
 	local tool=$1 version=$2
 	case "$tool" in
-	golangci-lint) echo "-X main.version=${version#v}" ;;
-	otel-cli) echo "-X main.version=${version#v}" ;;
+	# main.date must be set too, or golangci-lint reports "(devel)" from the build info.
+	golangci-lint) echo "-X main.version=${version#v} -X main.commit=$version -X main.date=module-proxy" ;;
+	otel-cli) echo "-X main.version=${version#v}" ;; # shown in its spans' resource only
 	*) echo "" ;;
 	esac
 }
@@ -100,6 +101,7 @@ build_tool() {
 	WORK=$(mktemp -d "$CACHE/.build-$tool-XXXXXX")
 	if [[ $module == local ]]; then
 		src="$HERE/$tool"
+		module="test/tools/$tool"
 	else
 		# The module cache copy is read-only, and some tools (jaeger) carry replace
 		# directives that stop `go install`: build inside a writable copy, as the main
