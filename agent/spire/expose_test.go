@@ -157,7 +157,16 @@ func TestExposeBindMount(t *testing.T) {
 	// The socket directory itself is deleted and re-created: the bind now shows the
 	// deleted directory; it is replaced by a bind of the new one.
 	f.fake.Stop()
-	if err := os.RemoveAll(f.opts.hostPath("/run/spire/agent-sockets")); err != nil {
+	// Run re-publishes the symlink into the directory as it is being emptied, so the
+	// removal may need another go.
+	var err error
+	for range 50 {
+		if err = os.RemoveAll(f.opts.hostPath("/run/spire/agent-sockets")); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
