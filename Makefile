@@ -5,8 +5,6 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo deve
 LDFLAGS := -s -w -X github.com/nodeagent/nodeagent/agent.version=$(VERSION)
 PREFIX ?= /usr/local
 DESTDIR ?=
-TOOLS_CACHE ?= $(or $(NODEAGENT_TOOLS_CACHE),/var/cache/nodeagent-tools)
-GOLANGCI_LINT = $(TOOLS_CACHE)/golangci-lint-v2.15.0/golangci-lint
 
 .DEFAULT_GOAL := help
 
@@ -23,7 +21,7 @@ run: build ## run the agent on this machine with deploy/examples/local.yaml (nee
 	$(if $(filter 0,$(shell id -u)),,sudo -E) bin/nodeagent run --config deploy/examples/local.yaml
 
 .PHONY: deps
-deps: ## install what the tests need: Debian packages (as root) and the peer binaries (SPIRE, Jaeger, otel-cli, telemetrygen)
+deps: ## install what the tests need: Debian packages (as root) and the peer binaries (SPIRE, Jaeger, otel-cli, telemetrygen, otelcol, golangci-lint)
 	bash .ci/deps.sh
 
 .PHONY: test
@@ -36,9 +34,8 @@ generate: ## regenerate the eBPF objects with Debian's clang (committed; CI chec
 	$(GO) generate ./ebpf/...
 
 .PHONY: lint
-lint: ## golangci-lint v2 (built into the tools cache by `make deps`)
-	@test -x $(GOLANGCI_LINT) || bash test/tools/build.sh golangci-lint >/dev/null
-	$(GOLANGCI_LINT) run ./...
+lint: ## golangci-lint v2 (built once into the tools cache)
+	$$(bash test/tools/build.sh golangci-lint | cut -f2) run ./...
 
 .PHONY: bench
 bench: build ## benchmarks against the peers, measured in one run (results in BENCHMARKS.md)

@@ -26,4 +26,4 @@ fi
 
 go mod download
 (cd deploy/test && go mod download)
-bash test/tools/build.sh spire jaeger otel-cli telemetrygen >/dev/null
+bash test/tools/build.sh >/dev/null
