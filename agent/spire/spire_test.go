@@ -295,13 +295,13 @@ func TestRunRotationAndExpiry(t *testing.T) {
 		t.Errorf("got %v rotations; want 1", got)
 	}
 
-	// A short SVID that is not rotated: lifetime 12s, default margin 2s. It is fine
+	// A short SVID that is not rotated: lifetime 24s, default margin 4s. It is fine
 	// first, fails by the passing of time alone once within the margin, then expires.
-	now = time.Now()
-	f.fake.SetX509(f.svid(now.Add(-6*time.Second), now.Add(6*time.Second)))
-	f.waitDetail(true, "serving, spiffe://example.org/nodeagent", 3*time.Second)
-	f.waitDetail(false, "within the 2s margin, without rotation", 8*time.Second)
-	f.waitDetail(false, "expired at", 5*time.Second)
+	now = time.Now().Truncate(time.Second) // certificates carry whole seconds
+	f.fake.SetX509(f.svid(now.Add(-12*time.Second), now.Add(12*time.Second)))
+	f.waitDetail(true, "serving, spiffe://example.org/nodeagent", 6*time.Second)
+	f.waitDetail(false, "within the 4s margin, without rotation", 12*time.Second)
+	f.waitDetail(false, "expired at", 8*time.Second)
 
 	// Rotation recovers it.
 	now = time.Now()
