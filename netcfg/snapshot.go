@@ -43,15 +43,6 @@ func (s *snapshot) link(name string) (linkInfo, bool) {
 	return linkInfo{}, false
 }
 
-func (s *snapshot) linkName(index int) string {
-	for _, l := range s.links {
-		if l.index == index {
-			return l.name
-		}
-	}
-	return fmt.Sprintf("if%d", index)
-}
-
 // lister is the part of *netlink.Handle a snapshot needs.
 type lister interface {
 	LinkByName(name string) (netlink.Link, error)

@@ -101,7 +101,7 @@ func (p *process) waitReady(timeout time.Duration, ready func(context.Context) e
 			return nil
 		}
 		if p.exited() {
-			return fmt.Errorf("%s: %w (%v) before it was ready: %v", p.name, errExited, p.err, last)
+			return fmt.Errorf("%s: %w (%w) before it was ready: %v", p.name, errExited, p.err, last)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s not ready after %v: %w", p.name, timeout, last)
