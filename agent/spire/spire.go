@@ -13,8 +13,8 @@
 //     serves: an X.509 context, or PermissionDenied ("no identity issued"), which proves
 //     the agent serves just as `spire-agent healthcheck` treats it. Anything else fails.
 //     With an identity, the SVID's expiry is followed across rotations.
-//   - Use: MTLSClientConfig builds a go-spiffe mTLS client config on an X509Source of
-//     the same socket, for the OTLP exporter.
+//   - Use: MTLSClientConfig (and MTLSConfigFunc, its provider form) builds a go-spiffe
+//     mTLS client config on an X509Source of the same socket, for the OTLP exporter.
 package spire
 
 import (
@@ -52,10 +52,10 @@ type Options struct {
 	RequireIdentity bool
 	// ExpiryMargin fails the check when the SVID expires within this duration without
 	// having been rotated. 0 (the default; no config key) means a sixth of the SVID's
-	// lifetime: SPIRE rotates X509-SVIDs once half their lifetime has passed, so an
-	// SVID in its last sixth has missed rotation for a third of its life (20 minutes of
-	// a 1h SVID, 4h40m of a 28h one) — late enough to rule out ordinary rotation
-	// jitter, early enough to act before connections fail.
+	// lifetime (10 minutes before a 1h SVID expires, 4h40m before a 28h one): SPIRE
+	// rotates X509-SVIDs once half their lifetime has passed, so an SVID in its last
+	// sixth has missed rotation for a third of its life — late enough to rule out
+	// ordinary rotation jitter, early enough to act before connections fail.
 	ExpiryMargin time.Duration
 	// Resync is how often the directory, the exposure and the SVID expiry are checked
 	// again besides inotify events and Workload API updates (default 10s).
