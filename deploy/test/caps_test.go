@@ -12,20 +12,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// requireRoot skips a privileged test without root, and fails it instead when
-// NODEAGENT_REQUIRE_PRIVILEGED=1 (as test/privtest does in the root module).
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("NODEAGENT_REQUIRE_PRIVILEGED") == "1" {
-		t.Fatal("privileged test cannot run: not root (NODEAGENT_REQUIRE_PRIVILEGED=1)")
-	}
-	t.Skip("needs root")
-}
+	"github.com/nodeagent/nodeagent/test/privtest"
+)
 
 // cgroup2Root returns the first cgroup2 mount point in /proc/mounts.
 func cgroup2Root(t *testing.T) string {
@@ -84,7 +73,7 @@ func getStatus(addr string) (statusDoc, error) {
 // under setpriv with the unit's CapabilityBoundingSet= and NoNewPrivileges=, on a
 // temporary cgroup and a temporary bpffs.
 func TestUnitCapabilitiesSuffice(t *testing.T) {
-	requireRoot(t)
+	privtest.Root(t)
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		t.Fatal("setpriv not found: apt-get install util-linux")
 	}

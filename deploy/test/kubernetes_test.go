@@ -535,7 +535,7 @@ func (b *k8sBundle) checkProbes(t *testing.T, p *problems) {
 			p.addf("%s host %q is not an IP", pr.name, target)
 			continue
 		}
-		if !(ap.Addr() == tip || ap.Addr().IsUnspecified()) {
+		if ap.Addr() != tip && !ap.Addr().IsUnspecified() {
 			p.addf("%s goes to %s:%d but health.listen is %s: the probe would be refused", pr.name, target, g.Port.IntValue(), listen)
 		}
 	}
