@@ -65,7 +65,10 @@ func main() {
 			}
 			r := validate(f, []byte(doc), psa)
 			failed = failed || len(r.Errors) > 0
-			enc.Encode(r)
+			if err := enc.Encode(r); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(2)
+			}
 		}
 	}
 	if failed {
