@@ -264,7 +264,7 @@ func (a *Agent) awaitFirstResults(ctx context.Context, c component) {
 // reload re-reads the configuration file. A bad file changes nothing: it is logged,
 // shown in /status and counted, and the running configuration stays.
 func (a *Agent) reload(ctx context.Context) {
-	next, err := config.Load(a.cfg.File)
+	next, err := LoadConfig(a.cfg.File)
 	if err != nil {
 		a.log.Error("reload failed; keeping the running configuration", "error", err)
 		a.reloads.WithLabelValues("failure").Inc()
@@ -345,6 +345,27 @@ func (a *Agent) listener(name, addr string) (net.Listener, error) {
 		return ls[0], nil
 	}
 	return net.Listen("tcp", addr)
+}
+
+// LoadConfig reads and validates the configuration file: the file's own rules, then
+// each enabled subsystem's. Every error wraps config.ErrInvalid (exit code 2).
+func LoadConfig(path string) (*config.Config, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, c := range defaultComponents() {
+		if c.validate != nil && c.enabled(cfg) {
+			if err := c.validate(cfg); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("%w: %s: %w", config.ErrInvalid, path, errors.Join(errs...))
+	}
+	return cfg, nil
 }
 
 // Cleanup removes the host state a crashed or stopped agent left behind (pinned

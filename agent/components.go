@@ -73,6 +73,8 @@ type component struct {
 	check    func(ctx context.Context, cfg *config.Config) []health.Result
 	// cleanup, when set, removes host state the subsystem may have left behind.
 	cleanup func(cfg *config.Config, log *slog.Logger) error
+	// validate, when set, adds the subsystem's own rules to config validation.
+	validate func(cfg *config.Config) error
 }
 
 // adapter turns a subsystem with its own Options into an instance.
@@ -114,6 +116,7 @@ func defaultComponents() []component {
 			check: func(ctx context.Context, c *config.Config) []health.Result {
 				return netcfg.Check(ctx, uplinkOptions(c))
 			},
+			validate: func(c *config.Config) error { return uplinkOptions(c).Validate() },
 		},
 		{
 			name:     "spire",
@@ -127,6 +130,7 @@ func defaultComponents() []component {
 			check: func(ctx context.Context, c *config.Config) []health.Result {
 				return spire.Check(ctx, spireOptions(c))
 			},
+			validate: func(c *config.Config) error { return spireOptions(c).Validate() },
 		},
 		{
 			name:     "steering",
@@ -162,6 +166,7 @@ func defaultComponents() []component {
 			check: func(ctx context.Context, c *config.Config) []health.Result {
 				return proxy.Check(ctx, proxyOptions(c, &wiring{}))
 			},
+			validate: func(c *config.Config) error { return proxyOptions(c, &wiring{}).Validate() },
 		},
 		{
 			name:     "otlp",
@@ -176,6 +181,7 @@ func defaultComponents() []component {
 			check: func(ctx context.Context, c *config.Config) []health.Result {
 				return collector.Check(ctx, otlpOptions(c, &wiring{ctx: ctx, log: slog.Default()}))
 			},
+			validate: func(c *config.Config) error { return otlpOptions(c, &wiring{}).Validate() },
 		},
 	}
 }
@@ -210,7 +216,12 @@ func uplinkOptions(c *config.Config) netcfg.Options {
 }
 
 func spireOptions(c *config.Config) spire.Options {
-	return spire.Options{HostRoot: c.HostRoot, Socket: c.Spire.Socket, ExposeAt: c.Spire.ExposeAt}
+	return spire.Options{
+		HostRoot: c.HostRoot, Socket: c.Spire.Socket, ExposeAt: c.Spire.ExposeAt,
+		// When the exporter authenticates with the node's SVID, "serving, but no
+		// identity for us" is a failure, not a pass.
+		RequireIdentity: c.OTLP != nil && c.OTLP.Exporter.Spiffe.ServerID != "",
+	}
 }
 
 func steeringOptions(c *config.Config) ebpf.Options {

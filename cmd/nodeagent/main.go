@@ -87,7 +87,7 @@ func loadConfig(path string, stderr io.Writer) (*config.Config, bool) {
 		fmt.Fprintln(stderr, "nodeagent: --config FILE is required")
 		return nil, false
 	}
-	cfg, err := config.Load(path)
+	cfg, err := agent.LoadConfig(path)
 	if err != nil {
 		fmt.Fprintln(stderr, "nodeagent:", err)
 		return nil, false
