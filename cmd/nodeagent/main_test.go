@@ -61,6 +61,8 @@ func TestUsageAndExitCodes(t *testing.T) {
 	dir := t.TempDir()
 	bad := writeFile(t, dir, "bad.yaml", "proxy:\n  clusters:\n    db:\n      endpoints: [10.0.0.4:5432, 10.0.0.5]\n")
 	good := writeFile(t, dir, "good.yaml", "node_name: n1\n")
+	// Valid for the config package, refused by the spire subsystem's own rules.
+	subsys := writeFile(t, dir, "subsys.yaml", "spire: {socket: /api.sock}\n")
 	tests := []struct {
 		args     []string
 		code     int
@@ -74,6 +76,7 @@ func TestUsageAndExitCodes(t *testing.T) {
 		{[]string{"run", "--config", bad}, 2, `proxy.clusters.db.endpoints[1]: "10.0.0.5" has no port`, ""},
 		{[]string{"check", "--config", bad}, 2, "bad.yaml", ""},
 		{[]string{"check", "--config", dir}, 2, "is a directory", ""},
+		{[]string{"check", "--config", subsys}, 2, `spire.socket: "/api.sock" must be in a directory of its own`, ""},
 		{[]string{"check", "--config", good, "--output", "yaml"}, 2, `--output "yaml"`, ""},
 		{[]string{"check", "--config", good, "extra"}, 2, `unexpected argument "extra"`, ""},
 		{[]string{"check", "--config", good}, 0, "", "CHECK"},
