@@ -9,7 +9,7 @@
 //
 // The tests build cmd/nodeagent from the repository root (or use $NODEAGENT_BIN) and
 // deploy/test/apiserver (the API server's validation, a module of its own); they need
-// systemd-analyze (Debian: systemd), setpriv and unshare (util-linux), and telemetrygen
+// systemd-analyze (Debian: systemd), setpriv and unshare (util-linux), strace, and telemetrygen
 // from the peers cache (test/peers). Privileged tests run as root and skip otherwise,
 // or fail with NODEAGENT_REQUIRE_PRIVILEGED=1.
 package deploytest
