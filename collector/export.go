@@ -35,7 +35,7 @@ import (
 // It returns the spans the upstream rejected in a partial success, with its message.
 // Errors are *retryable (try again later) or anything else (permanent: never retried).
 type sender interface {
-	send(ctx context.Context, body []byte) (rejected int64, msg string, err error)
+	send(ctx context.Context, parts [][]byte) (rejected int64, msg string, err error)
 	// probe checks that the upstream can be reached, without sending data.
 	probe(ctx context.Context) error
 	close() error
@@ -98,10 +98,36 @@ func clientTLS(e Exporter) (*tls.Config, error) {
 // by concatenating queue records are never decoded again. Responses are decoded by ptraceotlp.
 type rawCodec struct{}
 
-type rawMsg struct{ b []byte }
+type rawMsg struct {
+	b     []byte
+	parts [][]byte // when set, the message is their concatenation (sent without joining them)
+}
 
 func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
-	return mem.BufferSlice{mem.SliceBuffer(v.(*rawMsg).b)}, nil
+	m := v.(*rawMsg)
+	if m.parts == nil {
+		return mem.BufferSlice{mem.SliceBuffer(m.b)}, nil
+	}
+	bs := make(mem.BufferSlice, len(m.parts))
+	for i, p := range m.parts {
+		bs[i] = mem.SliceBuffer(p)
+	}
+	return bs, nil
+}
+
+func join(parts [][]byte) []byte {
+	if len(parts) == 1 {
+		return parts[0]
+	}
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	out := make([]byte, 0, n)
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
 }
 
 func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
@@ -142,12 +168,12 @@ func newGRPCSender(e Exporter) (*grpcSender, error) {
 	return s, nil
 }
 
-func (s *grpcSender) send(ctx context.Context, body []byte) (int64, string, error) {
+func (s *grpcSender) send(ctx context.Context, parts [][]byte) (int64, string, error) {
 	if len(s.md) > 0 {
 		ctx = metadata.NewOutgoingContext(ctx, s.md)
 	}
 	var out rawMsg
-	err := s.cc.Invoke(ctx, exportMethod, &rawMsg{b: body}, &out, s.opts...)
+	err := s.cc.Invoke(ctx, exportMethod, &rawMsg{parts: parts}, &out, s.opts...)
 	if err != nil {
 		return 0, "", classifyGRPC(err)
 	}
@@ -239,7 +265,8 @@ func newHTTPSender(e Exporter) (*httpSender, error) {
 		gzip: strings.EqualFold(e.Compression, "gzip")}, nil
 }
 
-func (s *httpSender) send(ctx context.Context, body []byte) (int64, string, error) {
+func (s *httpSender) send(ctx context.Context, parts [][]byte) (int64, string, error) {
+	body := join(parts)
 	var rd io.Reader = bytes.NewReader(body)
 	if s.gzip {
 		var zb bytes.Buffer
@@ -317,7 +344,8 @@ func newFileSender(e Exporter) (*fileSender, error) {
 	return &fileSender{path: e.Path}, nil
 }
 
-func (s *fileSender) send(_ context.Context, body []byte) (int64, string, error) {
+func (s *fileSender) send(_ context.Context, parts [][]byte) (int64, string, error) {
+	body := join(parts)
 	var u ptrace.ProtoUnmarshaler
 	td, err := u.UnmarshalTraces(body)
 	if err != nil {

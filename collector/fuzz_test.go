@@ -85,3 +85,45 @@ func FuzzGRPCTraces(f *testing.F) {
 		}
 	})
 }
+
+var fuzzAttrs = map[string]string{"k8s.node.name": "node-f", "host.name": "host-f"}
+
+// FuzzFastPathMatchesPdata checks that the fast path never accepts what pdata rejects, and
+// that what it produces decodes to exactly what pdata's decode-and-enrich produces.
+func FuzzFastPathMatchesPdata(f *testing.F) {
+	for _, s := range fuzzSeeds(f) {
+		f.Add(s)
+	}
+	td, _ := makeTraces("preset", 4)
+	td.ResourceSpans().At(0).Resource().Attributes().PutStr("k8s.node.name", "mine")
+	sp := td.ResourceSpans().At(0).ScopeSpans().At(0).Spans().At(0)
+	sp.Events().AppendEmpty().Attributes().PutEmptySlice("list").AppendEmpty().SetEmptyMap().PutDouble("d", 1.5)
+	sp.Links().AppendEmpty().SetTraceID(sp.TraceID())
+	sp.Status().SetMessage("oops")
+	td.ResourceSpans().AppendEmpty().ScopeSpans().AppendEmpty().Spans().AppendEmpty().SetName("no resource attributes")
+	f.Add(protoBody(f, td))
+	attrs := encodeAttrs(fuzzAttrs)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		out, n, ok := fastRewrite(nil, data, attrs)
+		if !ok {
+			return
+		}
+		want := ptraceotlp.NewExportRequest()
+		if err := want.UnmarshalProto(data); err != nil {
+			t.Fatalf("fast path accepted what pdata rejects: %v", err)
+		}
+		if c := want.Traces().SpanCount(); c != n {
+			t.Fatalf("got %d spans from the fast path; pdata counts %d", n, c)
+		}
+		enrich(want.Traces(), fuzzAttrs)
+		got := ptraceotlp.NewExportRequest()
+		if err := got.UnmarshalProto(out); err != nil {
+			t.Fatalf("fast path output does not decode: %v", err)
+		}
+		gj, _ := got.MarshalJSON()
+		wj, _ := want.MarshalJSON()
+		if !bytes.Equal(gj, wj) {
+			t.Fatalf("fast path output differs from pdata's:\n got %s\nwant %s", gj, wj)
+		}
+	})
+}

@@ -4,12 +4,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	rtmetrics "runtime/metrics"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/collector/pdata/ptrace"
+	"go.opentelemetry.io/collector/pdata/ptrace/ptraceotlp"
 
 	"github.com/nodeagent/nodeagent/collector/queue"
 )
@@ -25,6 +28,41 @@ var (
 
 // retryAfter is what backpressure answers suggest to clients.
 const retryAfter = time.Second
+
+// errInvalid wraps a request that cannot be decoded.
+var errInvalid = errors.New("decode request")
+
+var scratchPool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
+
+// ingestProto queues an encoded ExportTraceServiceRequest, through the fast path when it can.
+func (rn *runState) ingestProto(body []byte) (int, error) {
+	live := rn.t.live()
+	attrs := *rn.t.attrs.Load()
+	if int64(len(body)) < live.Batch.MaxBytes-1024 {
+		bp := scratchPool.Get().(*[]byte)
+		defer func() {
+			if cap(*bp) <= 4<<20 {
+				scratchPool.Put(bp)
+			}
+		}()
+		out, n, ok := fastRewrite((*bp)[:0], body, attrs)
+		if ok {
+			*bp = out[:0]
+			if n == 0 {
+				return 0, nil
+			}
+			if rn.t.mem.over() {
+				return n, errBackpressure
+			}
+			return n, rn.appendRecord(n, out)
+		}
+	}
+	req := ptraceotlp.NewExportRequest()
+	if err := req.UnmarshalProto(body); err != nil {
+		return 0, fmt.Errorf("%w: %w", errInvalid, err)
+	}
+	return rn.ingest(req.Traces())
+}
 
 // ingest enriches td and appends it to the queue. It returns nil for an empty request.
 // td must not be used by the caller afterwards.
@@ -63,9 +101,14 @@ func (rn *runState) appendTraces(td ptrace.Traces, n int) error {
 	if err != nil {
 		return fmt.Errorf("encode spans: %w", err)
 	}
+	return rn.appendRecord(n, body)
+}
+
+// appendRecord queues one record: the span count, then the encoded request.
+func (rn *runState) appendRecord(n int, body []byte) error {
 	var pre [binary.MaxVarintLen64]byte
 	k := binary.PutUvarint(pre[:], uint64(n))
-	err = rn.q.AppendV(pre[:k], body)
+	err := rn.q.AppendV(pre[:k], body)
 	switch {
 	case err == nil:
 		rn.t.m.queueBytes.Set(float64(rn.q.Size()))
@@ -87,12 +130,13 @@ func enrich(td ptrace.Traces, attrs map[string]string) {
 	if len(attrs) == 0 {
 		return
 	}
+	keys := slices.Sorted(maps.Keys(attrs))
 	rss := td.ResourceSpans()
 	for i := 0; i < rss.Len(); i++ {
 		ra := rss.At(i).Resource().Attributes()
-		for k, v := range attrs {
+		for _, k := range keys {
 			if _, ok := ra.Get(k); !ok {
-				ra.PutStr(k, v)
+				ra.PutStr(k, attrs[k])
 			}
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"net/http"
@@ -55,12 +56,11 @@ var emptyResponse = func() []byte {
 }()
 
 func (rn *runState) exportGRPC(_ context.Context, body []byte) (*rawMsg, error) {
-	req := ptraceotlp.NewExportRequest()
-	if err := req.UnmarshalProto(body); err != nil {
+	n, err := rn.ingestProto(body)
+	if errors.Is(err, errInvalid) {
 		rn.t.m.requests.WithLabelValues("grpc", outInvalid).Inc()
-		return nil, status.Error(codes.InvalidArgument, "decode request: "+err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	n, err := rn.ingest(req.Traces())
 	if err := rn.result("grpc", n, err, grpcError); err != nil {
 		return nil, err
 	}
@@ -204,19 +204,23 @@ func (rn *runState) serveTraces(w http.ResponseWriter, r *http.Request) {
 		writeStatus(w, ct, herr.code, herr.msg)
 		return
 	}
-	req := ptraceotlp.NewExportRequest()
+	var n int
 	var err error
 	if ct == ctProto {
-		err = req.UnmarshalProto(buf.Bytes())
+		n, err = rn.ingestProto(buf.Bytes())
 	} else {
-		err = req.UnmarshalJSON(buf.Bytes())
+		req := ptraceotlp.NewExportRequest()
+		if err = req.UnmarshalJSON(buf.Bytes()); err != nil {
+			err = fmt.Errorf("%w: %w", errInvalid, err)
+		} else {
+			n, err = rn.ingest(req.Traces())
+		}
 	}
-	if err != nil {
+	if errors.Is(err, errInvalid) {
 		rn.t.m.requests.WithLabelValues("http", outInvalid).Inc()
-		writeStatus(w, ct, http.StatusBadRequest, "decode request: "+err.Error())
+		writeStatus(w, ct, http.StatusBadRequest, err.Error())
 		return
 	}
-	n, err := rn.ingest(req.Traces())
 	if err = rn.result("http", n, err, func(e error) error { return e }); err != nil {
 		switch {
 		case errors.Is(err, errTooLarge):

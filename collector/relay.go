@@ -26,11 +26,12 @@ import (
 
 // Relay is the OTLP trace relay.
 type Relay struct {
-	log  *slog.Logger
-	rep  health.Reporter
-	m    *metrics
-	mem  *memGuard
-	opts atomic.Pointer[Options]
+	log   *slog.Logger
+	rep   health.Reporter
+	m     *metrics
+	mem   *memGuard
+	opts  atomic.Pointer[Options]
+	attrs atomic.Pointer[[]attrKV] // ResourceAttributes, encoded for the fast path
 
 	mu      sync.Mutex
 	running bool
@@ -51,11 +52,17 @@ func New(opts Options, log *slog.Logger, reg prometheus.Registerer, rep health.R
 		rep = health.Discard
 	}
 	t := &Relay{log: log, rep: rep, m: m, mem: newMemGuard(opts.softLimit())}
-	t.opts.Store(&opts)
+	t.store(opts)
 	return t, nil
 }
 
 func (t *Relay) live() *Options { return t.opts.Load() }
+
+func (t *Relay) store(opts Options) {
+	attrs := encodeAttrs(opts.ResourceAttributes)
+	t.attrs.Store(&attrs)
+	t.opts.Store(&opts)
+}
 
 // Update applies new options. Resource attributes, batching, retry intervals, the memory limit,
 // max_request_size and exporter headers/timeout apply live; anything else (listeners, exporter
@@ -66,7 +73,7 @@ func (t *Relay) Update(opts Options) error {
 		return err
 	}
 	old := t.live()
-	t.opts.Store(&opts)
+	t.store(opts)
 	t.mem.soft.Store(opts.softLimit())
 	if opts.SetProcessMemoryLimit && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(opts.MemoryLimit)
@@ -321,9 +328,11 @@ func addrString(l net.Listener) string {
 
 // ---- batching and export ----
 
+// batch is queue records to export together: its encoding is the concatenation of parts.
 type batch struct {
 	recs  []queue.Record
-	body  []byte
+	parts [][]byte
+	size  int
 	spans int
 }
 
@@ -349,14 +358,15 @@ func (rn *runState) batcher(ctx context.Context, out chan<- *batch) {
 			return
 		}
 		payload := r.Data[k:]
-		if cur != nil && (cur.spans+int(n) > live.Batch.MaxSpans || int64(len(cur.body)+len(payload)) > live.Batch.MaxBytes) {
+		if cur != nil && (cur.spans+int(n) > live.Batch.MaxSpans || int64(cur.size+len(payload)) > live.Batch.MaxBytes) {
 			flush()
 		}
 		if cur == nil {
-			cur = &batch{body: make([]byte, 0, min(live.Batch.MaxBytes, int64(len(payload))*4))}
+			cur = &batch{}
 			deadline = time.Now().Add(live.Batch.Timeout)
 		}
-		cur.body = append(cur.body, payload...)
+		cur.parts = append(cur.parts, payload)
+		cur.size += len(payload)
 		cur.spans += int(n)
 		r.Data = nil
 		cur.recs = append(cur.recs, r)
@@ -422,7 +432,7 @@ func (rn *runState) export(ctx context.Context, b *batch) bool {
 		live := rn.t.live()
 		actx, cancel := context.WithTimeout(ctx, live.Exporter.Timeout)
 		start := time.Now()
-		rejected, msg, err := rn.snd.send(actx, b.body)
+		rejected, msg, err := rn.snd.send(actx, b.parts)
 		cancel()
 		m.exportDur.Observe(time.Since(start).Seconds())
 		rn.lastEx.Store(time.Now().UnixNano())
