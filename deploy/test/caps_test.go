@@ -12,8 +12,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/nodeagent/nodeagent/test/privtest"
 )
 
 // cgroup2Root returns the first cgroup2 mount point in /proc/mounts.
@@ -73,7 +71,7 @@ func getStatus(addr string) (statusDoc, error) {
 // under setpriv with the unit's CapabilityBoundingSet= and NoNewPrivileges=, on a
 // temporary cgroup and a temporary bpffs.
 func TestUnitCapabilitiesSuffice(t *testing.T) {
-	privtest.Root(t)
+	requireRoot(t)
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		t.Fatal("setpriv not found: apt-get install util-linux")
 	}

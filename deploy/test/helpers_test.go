@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -373,4 +374,42 @@ func runCheck(t testing.TB, file string, env map[string]string) (int, *checkResu
 		t.Fatalf("nodeagent check --output json (exit %d): %v\nstdout:\n%s\nstderr:\n%s", code, err, stdout.String(), stderr.String())
 	}
 	return code, &res, stderr.String()
+}
+
+// requireRoot skips a privileged test without root, and fails it instead when
+// NODEAGENT_REQUIRE_PRIVILEGED=1 — test/privtest's rule, repeated here so that this
+// module does not depend on the product module (whose go.mod would then have to stay
+// in step with this go.sum).
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("NODEAGENT_REQUIRE_PRIVILEGED") == "1" {
+		t.Fatal("privileged test cannot run: not root (NODEAGENT_REQUIRE_PRIVILEGED=1)")
+	}
+	t.Skip("needs root")
+}
+
+// peerPath finds a peer binary named like its tool (telemetrygen) in the tools cache
+// that test/peers fills
+// ($NODEAGENT_TOOLS_CACHE or /var/cache/nodeagent-tools, as <tool>-<version>/<name>),
+// skipping the test when it is missing (failing under NODEAGENT_REQUIRE_PRIVILEGED=1,
+// as CI builds every peer first).
+func peerPath(t *testing.T, name string) string {
+	t.Helper()
+	dir := os.Getenv("NODEAGENT_TOOLS_CACHE")
+	if dir == "" {
+		dir = "/var/cache/nodeagent-tools"
+	}
+	matches, _ := filepath.Glob(filepath.Join(dir, name+"-*", name))
+	sort.Strings(matches)
+	if len(matches) == 0 {
+		msg := fmt.Sprintf("peer %s not built in %s (run test/tools/build.sh %s)", name, dir, name)
+		if os.Getenv("NODEAGENT_REQUIRE_PRIVILEGED") == "1" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	return matches[len(matches)-1]
 }

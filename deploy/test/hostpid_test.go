@@ -7,8 +7,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-
-	"github.com/nodeagent/nodeagent/test/privtest"
 )
 
 // The DaemonSet runs without hostPID and still reads the node's processes (the
@@ -19,7 +17,7 @@ import (
 // mount namespace (the pod without hostPID) with its own /proc, the node's / bound at
 // a directory, and a process named kubelet in the node's namespace.
 func TestHostProcShowsNodeProcessesWithoutHostPID(t *testing.T) {
-	privtest.Root(t)
+	requireRoot(t)
 	if _, err := exec.LookPath("unshare"); err != nil {
 		t.Fatal("unshare not found: apt-get install util-linux")
 	}

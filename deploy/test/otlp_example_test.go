@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nodeagent/nodeagent/test/peers"
 	corev1 "k8s.io/api/core/v1"
 )
 
@@ -19,7 +18,7 @@ import (
 // exports the spans (to a file here).
 func TestOTLPWorkloadExampleReachesTheRelay(t *testing.T) {
 	t.Parallel()
-	tg := peers.Path(t, "telemetrygen")
+	tg := peerPath(t, "telemetrygen")
 	bin := nodeagentBinary(t)
 	b := loadK8s(t)
 	var pod *corev1.Pod

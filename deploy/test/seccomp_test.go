@@ -13,8 +13,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/nodeagent/nodeagent/test/privtest"
 )
 
 // syscallGroups parses `systemd-analyze syscall-filter` into group -> members.
@@ -67,7 +65,7 @@ func expandFilter(groups map[string][]string, entries []string) map[string]bool 
 // strace and compared with the filter as systemd-analyze expands it. (modprobe's own
 // calls are not traced: hostprep runs in check mode, nothing is loaded.)
 func TestUnitSyscallFilterCoversNodeagent(t *testing.T) {
-	privtest.Root(t)
+	requireRoot(t)
 	if _, err := exec.LookPath("strace"); err != nil {
 		t.Fatal("strace not found: apt-get install strace")
 	}
