@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Commands the tests call, and the Debian package each comes from.
-need=(ip:iproute2 nsenter:util-linux clang:clang llc:llvm socat:socat haproxy:haproxy systemd-analyze:systemd)
+need=(ip:iproute2 nsenter:util-linux setpriv:util-linux unshare:util-linux strace:strace clang:clang llc:llvm
+	socat:socat haproxy:haproxy systemd-analyze:systemd)
 missing=()
 for pair in "${need[@]}"; do
 	command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
@@ -14,6 +15,7 @@ done
 # Headers for `make generate` (bpf_helpers.h, linux/bpf.h).
 [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
 [ -f /usr/include/linux/bpf.h ] || missing+=(linux-libc-dev)
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | grep .)
 if [ ${#missing[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "missing packages: ${missing[*]} (run as root, or apt-get install them)" >&2
@@ -26,4 +28,5 @@ fi
 
 go mod download
 (cd deploy/test && go mod download)
+(cd deploy/test/apiserver && go mod download)
 bash test/tools/build.sh >/dev/null

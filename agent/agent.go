@@ -11,7 +11,10 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nodeagent/nodeagent/agent/config"
 	"github.com/nodeagent/nodeagent/agent/health"
@@ -339,12 +342,23 @@ func (a *Agent) loadedAt() time.Time {
 	return time.Time{}
 }
 
-// listener returns the socket-activated listener of that name, or binds addr.
+// listener returns the socket-activated listener of that name, or binds addr with
+// SO_REUSEPORT, so that during a rolling update the new agent binds while the old
+// one still serves.
 func (a *Agent) listener(name, addr string) (net.Listener, error) {
 	if ls := a.listeners[name]; len(ls) > 0 {
 		return ls[0], nil
 	}
-	return net.Listen("tcp", addr)
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	return lc.Listen(context.Background(), "tcp", addr)
 }
 
 // LoadConfig reads and validates the configuration file: the file's own rules, then
