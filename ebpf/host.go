@@ -48,9 +48,15 @@ func unescapeMount(s string) string {
 func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 
 // resolveCgroup returns the cgroup v2 directory to attach to, as this process
-// sees it.
+// sees it. The mount is looked up in the mount table of the host's init
+// (host_root/proc/1/mounts), not this process's own: in a container that has a
+// cgroup namespace, its own /sys/fs/cgroup shows only the container's subtree,
+// and attaching there would steer nothing but the agent.
 func resolveCgroup(hostRoot, cgroup string) (string, error) {
-	f, err := os.Open(filepath.Join(hostRoot, "proc/mounts"))
+	f, err := os.Open(filepath.Join(hostRoot, "proc/1/mounts"))
+	if err != nil {
+		f, err = os.Open(filepath.Join(hostRoot, "proc/mounts"))
+	}
 	if err != nil {
 		return "", fmt.Errorf("find cgroup v2 mount: %w", err)
 	}
