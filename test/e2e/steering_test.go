@@ -50,7 +50,7 @@ func TestSteeredConnectionReachesTarget(t *testing.T) {
 
 	// Someone dialling the proxy port directly is closed at once, unanswered.
 	// The reset can come so fast that connect itself reports it.
-	if n, err := directProxyDial(t, w); n != 0 || !(errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+	if n, err := directProxyDial(t, w); n != 0 || !closedAtOnce(err) {
 		t.Errorf("direct connection to the proxy: got %d bytes, %v; want closed at once (EOF or reset)", n, err)
 	}
 
@@ -72,6 +72,10 @@ func directProxyDial(t *testing.T, w *world) (int, error) {
 	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
 	_, _ = io.WriteString(c, "ping\n")
 	return bufio.NewReader(c).Read(make([]byte, 64))
+}
+
+func closedAtOnce(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // TestReloadUpdatesMapInPlace: after SIGHUP with a new address map, an added
