@@ -81,7 +81,8 @@ type fieldSpec struct {
 	sub kind
 }
 
-var schema = map[kind]map[protowire.Number]fieldSpec{
+// schemaMap is the trace schema, by message kind and field number (all numbers are <= 16).
+var schemaMap = map[kind]map[protowire.Number]fieldSpec{
 	kResource:   {1: {fMessage, kKeyValue}, 2: {fVarint, 0}, 3: {fMessage, kEntityRef}},
 	kEntityRef:  {1: {fBytes, 0}, 2: {fBytes, 0}, 3: {fBytes, 0}, 4: {fBytes, 0}},
 	kScopeSpans: {1: {fMessage, kScope}, 2: {fMessage, kSpan}, 3: {fBytes, 0}},
@@ -100,20 +101,34 @@ var schema = map[kind]map[protowire.Number]fieldSpec{
 
 const maxDepth = 32
 
+// schema is schemaMap as arrays, for speed: schema[kind][field number].
+var schema = func() (t [kResource + 1][17]fieldSpec) {
+	for k, fields := range schemaMap {
+		for n, f := range fields {
+			t[k][n] = f
+		}
+	}
+	return t
+}()
+
 // validate checks b as a message of kind k and counts spans (messages of kind kSpan directly
 // inside it, for kScopeSpans). It returns ok=false when it cannot vouch for b.
 func validate(b []byte, k kind, depth int) (spans int, ok bool) {
 	if depth > maxDepth {
 		return 0, false
 	}
-	fields := schema[k]
+	fields := &schema[k]
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
 			return 0, false
 		}
 		b = b[n:]
-		spec, known := fields[num]
+		var spec fieldSpec
+		if num < protowire.Number(len(fields)) {
+			spec = fields[num]
+		}
+		known := spec.t != fUnknown
 		switch typ {
 		case protowire.VarintType:
 			if known && spec.t != fVarint {

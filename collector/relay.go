@@ -64,8 +64,8 @@ func (t *Relay) store(opts Options) {
 	t.opts.Store(&opts)
 }
 
-// Update applies new options. Resource attributes, batching, retry intervals, the memory limit,
-// max_request_size and exporter headers/timeout apply live; anything else (listeners, exporter
+// Update applies new options. Resource attributes, batching, retry intervals, the memory limit
+// and the exporter timeout apply live; anything else (listeners, exporter
 // endpoint, protocol and TLS, queue) is stored and returns health.ErrNeedsRestart.
 func (t *Relay) Update(opts Options) error {
 	opts = opts.withDefaults()
@@ -80,8 +80,8 @@ func (t *Relay) Update(opts Options) error {
 	}
 	a, b := *old, opts
 	for _, o := range []*Options{&a, &b} {
-		o.ResourceAttributes, o.Batch, o.Retry, o.MemoryLimit, o.MaxRequestSize = nil, Batch{}, Retry{}, 0, 0
-		o.Exporter.Headers, o.Exporter.Timeout, o.Exporter.TLSConfig = nil, 0, nil
+		o.ResourceAttributes, o.Batch, o.Retry, o.MemoryLimit = nil, Batch{}, Retry{}, 0
+		o.Exporter.Timeout, o.Exporter.TLSConfig = 0, nil
 		o.ShutdownGrace, o.SetProcessMemoryLimit = 0, false
 	}
 	tlsChanged := (old.Exporter.TLSConfig == nil) != (opts.Exporter.TLSConfig == nil)
