@@ -110,6 +110,7 @@ type Record struct {
 	at   Pos   // start of its frame
 	end  Pos   // just after its frame (same segment)
 	size int64 // framed size
+	p    *pend
 }
 
 // Queue is safe for concurrent use.
@@ -434,9 +435,10 @@ func (q *Queue) readOne() (Record, bool, error) {
 				}
 				framed := n + headerSize
 				rec := Record{Data: data, at: q.read, end: Pos{q.read.Seg, q.read.Off + framed}, size: framed}
+				rec.p = &pend{end: rec.end, size: framed}
 				q.read = rec.end
 				q.rOff = q.read.Off
-				q.pending = append(q.pending, &pend{end: rec.end, size: framed})
+				q.pending = append(q.pending, rec.p)
 				if rec.at.less(q.redeliv) {
 					q.ev.Redelivered(rec)
 				}
@@ -539,12 +541,10 @@ func (q *Queue) quarantine(s uint64, cause error) {
 func (q *Queue) Ack(r Record) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for _, p := range q.pending {
-		if p.end == r.end && !p.done {
-			p.done = true
-			break
-		}
+	if r.p == nil || r.p.done {
+		return // not from this queue, or acknowledged already
 	}
+	r.p.done = true
 	q.size -= r.size
 	q.advanceAck()
 	q.cond.Broadcast()

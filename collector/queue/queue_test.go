@@ -258,3 +258,42 @@ func TestFsyncPolicies(t *testing.T) {
 		t.Fatal("got nil error for an unknown fsync policy")
 	}
 }
+
+func TestAckTwiceCountsOnce(t *testing.T) {
+	q := open(t, t.TempDir(), Options{}, Events{})
+	q.Append([]byte("a"))
+	q.Append([]byte("b"))
+	r := next(t, q)
+	q.Ack(r)
+	q.Ack(r)
+	if got, want := q.Size(), int64(headerSize+1); got != want {
+		t.Fatalf("got size %d after acking one record twice; want %d", got, want)
+	}
+}
+
+func BenchmarkAppendNextAck(b *testing.B) {
+	q, err := Open(Options{Dir: b.TempDir(), MaxBytes: 1 << 30, Fsync: FsyncNever}, Events{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	payload := make([]byte, 4096)
+	b.SetBytes(int64(len(payload)))
+	var held []Record
+	for b.Loop() {
+		if err := q.Append(payload); err != nil {
+			b.Fatal(err)
+		}
+		r, ok, err := q.TryNext()
+		if err != nil || !ok {
+			b.Fatal(ok, err)
+		}
+		held = append(held, r)
+		if len(held) == 1000 { // acks in reverse order, as concurrent senders may
+			for i := len(held) - 1; i >= 0; i-- {
+				q.Ack(held[i])
+			}
+			held = held[:0]
+		}
+	}
+}
