@@ -112,6 +112,20 @@ func TestReloadUpdatesMapInPlace(t *testing.T) {
 	if code, body, err := w.get("/readyz"); err != nil || code != 200 {
 		t.Errorf("/readyz after reload: got %d %q %v; want 200", code, body, err)
 	}
+
+	// A broken file changes nothing: the running map stays in force.
+	w.writeConfig(map[string]string{"169.254.1.7": "c1"}, func(doc map[string]any) { doc["proxy"].(map[string]any)["listn"] = []string{proxyAddr} })
+	a.signal(syscall.SIGHUP)
+	for deadline := time.Now().Add(10 * time.Second); w.status().Config.ReloadError == ""; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("/status shows no reload_error 10s after SIGHUP with a broken file")
+		}
+	}
+	w.waitMetric("nodeagent_config_reloads_total", map[string]string{"result": "failure"}, 1)
+	w.checkDials(true, steered("169.254.1.5:80", targetB), fails("169.254.1.7:80", unreachable))
+	if got := w.linkIDs(); !maps.Equal(got, links) {
+		t.Errorf("pinned links after a failed reload: got %v; want unchanged %v", got, links)
+	}
 }
 
 // TestKill9AndRestart: a killed agent leaves its programs attached (mapped
@@ -374,5 +388,57 @@ func TestKeepOnExit(t *testing.T) {
 	w.wantAttached(0)
 	if p := w.pins(); len(p) != 0 {
 		t.Errorf("pins after run --cleanup: got %v; want none", p)
+	}
+}
+
+// TestSteeredIPv6: an IPv6 mapped destination goes to the proxy's IPv6
+// loopback listener (connect6, getpeername6) and reaches its target.
+func TestSteeredIPv6(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	m := baseMap()
+	m["fd00::2"] = "c1"
+	m["[fd00::4]:443"] = targetB
+	w.writeConfig(m, func(doc map[string]any) {
+		doc["proxy"].(map[string]any)["listen"] = []string{proxyAddr, "[::1]:15001"}
+	})
+	a := w.startAgent(false)
+	w.waitReady(a)
+	before := w.metric("nodeagent_steering_redirects_total", map[string]string{"family": "ipv6"})
+	w.checkDials(true,
+		steered("[fd00::2]:80", targetA),
+		steered("[fd00::4]:443", targetB),
+		fails("[fd00::4]:80", unreachable),
+		fails("[fd00::9]:80", unreachable),
+		steered("169.254.1.2:80", targetA),
+	)
+	w.checkDials(false, fails("[fd00::2]:80", unreachable))
+	w.waitMetric("nodeagent_steering_redirects_total", map[string]string{"family": "ipv6"}, before+2)
+}
+
+// TestDeadTargetResetsClient: when the mapped target refuses, the steered
+// client is closed promptly (after max_connect_attempts), not left hanging,
+// and the failure is counted.
+func TestDeadTargetResetsClient(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	m := baseMap()
+	m["169.254.1.6"] = "127.0.0.9:9" // nobody listens there
+	w.writeConfig(m, nil)
+	a := w.startAgent(false)
+	w.waitReady(a)
+	failed := map[string]string{"mapping": "169.254.1.6", "result": "connect_failed"}
+	before := w.metric("nodeagent_proxy_connections_total", failed)
+	// The reset can come before connect returns (the refusal takes microseconds on
+	// loopback) or on the first read; the helper's read has a 5s deadline, and a
+	// timeout would mean the proxy left the client hanging.
+	got := w.dial(true, "169.254.1.6:80")
+	if e := got[0].Err; !strings.Contains(e, "connection reset by peer") && !strings.HasSuffix(e, "EOF") {
+		t.Errorf("dial 169.254.1.6:80 (dead target): got reply %q error %q; want a reset or EOF", got[0].Reply, e)
+	}
+	w.waitMetric("nodeagent_proxy_connections_total", failed, before+1)
+	// The agent stays ready: a dead host:port target is not a failing check.
+	if code, _, err := w.get("/readyz"); err != nil || code != 200 {
+		t.Errorf("/readyz with a dead target: got %d %v; want 200", code, err)
 	}
 }
