@@ -541,12 +541,18 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-// startClient starts the dial helper inside the namespace, moves it into the
-// cgroup when inCgroup, then lets it dial each address once.
+// startClient starts the dial helper inside the test namespace, moves it into
+// the cgroup when inCgroup, then lets it dial each address once.
 func (w *world) startClient(inCgroup, hold bool, addrs ...string) *client {
 	w.t.Helper()
+	return w.startClientIn(w.ns, inCgroup, hold, addrs...)
+}
+
+// startClientIn is startClient in namespace ns.
+func (w *world) startClientIn(ns *privtest.Netns, inCgroup, hold bool, addrs ...string) *client {
+	w.t.Helper()
 	b, _ := json.Marshal(dialReq{Addrs: addrs, Hold: hold})
-	c := &client{cmd: w.ns.Command(os.Args[0], "-test.run=^$"), stderr: &lockedBuffer{}, done: make(chan struct{})}
+	c := &client{cmd: ns.Command(os.Args[0], "-test.run=^$"), stderr: &lockedBuffer{}, done: make(chan struct{})}
 	c.cmd.Env = append(os.Environ(), helperEnv+"=dial", dialRequest+"="+string(b))
 	c.cmd.Stderr = c.stderr
 	// Our own pipes, so that reaping the helper never closes what we still read.
@@ -646,10 +652,16 @@ func (c *client) release(t *testing.T) {
 	}
 }
 
-// dial runs the dial helper to completion.
+// dial runs the dial helper to completion in the test namespace.
 func (w *world) dial(inCgroup bool, addrs ...string) []dialResult {
 	w.t.Helper()
-	c := w.startClient(inCgroup, false, addrs...)
+	return w.dialIn(w.ns, inCgroup, addrs...)
+}
+
+// dialIn runs the dial helper to completion in namespace ns.
+func (w *world) dialIn(ns *privtest.Netns, inCgroup bool, addrs ...string) []dialResult {
+	w.t.Helper()
+	c := w.startClientIn(ns, inCgroup, false, addrs...)
 	res := c.results(w.t)
 	c.release(w.t)
 	return res
@@ -670,20 +682,27 @@ func fails(addr, err string) expect      { return expect{addr: addr, err: err} }
 // test namespace: it has no route there.
 const unreachable = "network is unreachable"
 
-// checkDials dials every expectation's address in one helper and compares.
+// checkDials dials every expectation's address in one helper in the test
+// namespace and compares.
 func (w *world) checkDials(inCgroup bool, want ...expect) {
+	w.t.Helper()
+	w.checkDialsIn(w.ns, inCgroup, want...)
+}
+
+// checkDialsIn is checkDials from namespace ns.
+func (w *world) checkDialsIn(ns *privtest.Netns, inCgroup bool, want ...expect) {
 	w.t.Helper()
 	var addrs []string
 	for _, e := range want {
 		addrs = append(addrs, e.addr)
 	}
-	got := w.dial(inCgroup, addrs...)
+	got := w.dialIn(ns, inCgroup, addrs...)
 	if len(got) != len(want) {
 		w.t.Fatalf("dial helper: got %d results; want %d", len(got), len(want))
 	}
-	where := "outside the cgroup"
+	where := "from " + ns.Name + " outside the cgroup"
 	if inCgroup {
-		where = "in the cgroup"
+		where = "from " + ns.Name + " in the cgroup"
 	}
 	for i, e := range want {
 		g := got[i]

@@ -6,6 +6,7 @@ import (
 	"io"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -13,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nodeagent/nodeagent/test/privtest"
 )
 
 // TestSteeredConnectionReachesTarget: a process in the cgroup dialling mapped
@@ -441,4 +444,40 @@ func TestDeadTargetResetsClient(t *testing.T) {
 	if code, _, err := w.get("/readyz"); err != nil || code != 200 {
 		t.Errorf("/readyz with a dead target: got %d %v; want 200", code, err)
 	}
+}
+
+// TestPodSteeredToPodRedirect: a socket in another network namespace (a pod,
+// joined to the test "host" namespace by a veth pair) in the cgroup is sent to
+// steering.pod_redirect, where the real proxy listens on the node address.
+func TestPodSteeredToPodRedirect(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	pod := privtest.NewNetns(t)
+	for _, c := range []*exec.Cmd{
+		w.ns.Command("ip", "link", "add", "natest-h", "type", "veth", "peer", "name", "natest-p", "netns", pod.Name),
+		w.ns.Command("ip", "addr", "add", "10.99.0.1/24", "dev", "natest-h"),
+		w.ns.Command("ip", "link", "set", "natest-h", "up"),
+		pod.Command("ip", "addr", "add", "10.99.0.2/24", "dev", "natest-p"),
+		pod.Command("ip", "link", "set", "natest-p", "up"),
+	} {
+		if out, err := c.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(c.Args, " "), err, out)
+		}
+	}
+	const podRedirect = "10.99.0.1:15001"
+	w.writeConfig(baseMap(), func(doc map[string]any) {
+		doc["steering"].(map[string]any)["pod_redirect"] = podRedirect
+		doc["proxy"].(map[string]any)["listen"] = []string{proxyAddr, podRedirect}
+	})
+	a := w.startAgent(false)
+	w.waitReady(a)
+
+	w.checkDialsIn(pod, true,
+		steered("169.254.1.2:80", targetA),
+		steered("169.254.1.4:443", targetB),
+		fails("169.254.1.9:80", unreachable),
+	)
+	w.checkDialsIn(pod, false, fails("169.254.1.2:80", unreachable))
+	// A host socket still goes to the loopback listener.
+	w.checkDials(true, steered("169.254.1.2:80", targetA))
 }
