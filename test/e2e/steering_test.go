@@ -29,17 +29,20 @@ func TestSteeredConnectionReachesTarget(t *testing.T) {
 	a := w.startAgent(false)
 	w.waitReady(a)
 
-	redirects := map[string]string{"family": "ipv4"}
-	viaC1 := map[string]string{"mapping": "169.254.1.2", "result": "connected"}
-	viaB := map[string]string{"mapping": "169.254.1.4:443", "result": "connected"}
-	refused := map[string]string{"mapping": "none", "result": "no_original_dst"}
-	before := map[string]float64{}
-	for name, m := range map[string]map[string]string{"redirects": redirects, "c1": viaC1, "b": viaB, "refused": refused} {
-		if name == "redirects" {
-			before[name] = w.metric("nodeagent_steering_redirects_total", m)
-		} else {
-			before[name] = w.metric("nodeagent_proxy_connections_total", m)
-		}
+	// How each series must move over the dials below.
+	counts := []struct {
+		metric string
+		labels map[string]string
+		delta  float64
+	}{
+		{"nodeagent_steering_redirects_total", map[string]string{"family": "ipv4"}, 3},
+		{"nodeagent_proxy_connections_total", map[string]string{"mapping": "169.254.1.2", "result": "connected"}, 2},
+		{"nodeagent_proxy_connections_total", map[string]string{"mapping": "169.254.1.4:443", "result": "connected"}, 1},
+		{"nodeagent_proxy_connections_total", map[string]string{"mapping": "none", "result": "no_original_dst"}, 1},
+	}
+	before := make([]float64, len(counts))
+	for i, c := range counts {
+		before[i] = w.metric(c.metric, c.labels)
 	}
 
 	w.checkDials(true,
@@ -57,10 +60,9 @@ func TestSteeredConnectionReachesTarget(t *testing.T) {
 		t.Errorf("direct connection to the proxy: got %d bytes, %v; want closed at once (EOF or reset)", n, err)
 	}
 
-	w.waitMetric("nodeagent_steering_redirects_total", redirects, before["redirects"]+3)
-	w.waitMetric("nodeagent_proxy_connections_total", viaC1, before["c1"]+2)
-	w.waitMetric("nodeagent_proxy_connections_total", viaB, before["b"]+1)
-	w.waitMetric("nodeagent_proxy_connections_total", refused, before["refused"]+1)
+	for i, c := range counts {
+		w.waitMetric(c.metric, c.labels, before[i]+c.delta)
+	}
 }
 
 // directProxyDial connects to the proxy port from inside the namespace, outside
