@@ -529,6 +529,7 @@ type conn struct {
 
 	last     atomic.Int64 // UnixNano of the last byte moved
 	up, down atomic.Int64
+	eofs     atomic.Int32 // directions that ended with EOF
 
 	mu      sync.Mutex
 	timer   *time.Timer
@@ -656,14 +657,14 @@ func (c *conn) relay(mode RelayMode) {
 		return
 	}
 	m := c.p.m
-	up := newHalf(c, c.client, c.target, clientRaw, targetRaw, &c.up, func(n int64) { m.bytesUp.Add(float64(n)) }, mode)
-	down := newHalf(c, c.target, c.client, targetRaw, clientRaw, &c.down, func(n int64) { m.bytesDown.Add(float64(n)) }, mode)
+	up := newHalf(c, c.client, c.target, clientRaw, targetRaw, &c.up, func(n int64) { m.bytesUp.Add(float64(n)) }, mode, c.p.pipes)
+	down := newHalf(c, c.target, c.client, targetRaw, clientRaw, &c.down, func(n int64) { m.bytesDown.Add(float64(n)) }, mode, c.p.pipes)
 	done := make(chan struct{})
 	go func() {
-		c.finish(down, down.run(mode, c.p.pipes), "target", "client")
+		c.finish(down, down.run(), "target", "client")
 		close(done)
 	}()
-	c.finish(up, up.run(mode, c.p.pipes), "client", "target")
+	c.finish(up, up.run(), "client", "target")
 	<-done
 	c.close("done", false)
 }
@@ -672,6 +673,11 @@ func (c *conn) relay(mode RelayMode) {
 // failure resets both sides.
 func (c *conn) finish(h *half, err error, srcName, dstName string) {
 	if err == nil {
+		if c.eofs.Add(1) == 2 {
+			// The other direction already ended with EOF: nothing is left to
+			// read from dst, so the final close sends its FIN (no shutdown call).
+			return
+		}
 		if cerr := h.dst.CloseWrite(); cerr == nil || isClosed(cerr) {
 			return
 		} else {

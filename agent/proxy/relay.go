@@ -12,10 +12,10 @@ import (
 )
 
 // The relay moves one direction of a connection. Each read is a non-blocking
-// read(2) inside RawConn.Read into a buffer taken from a pool just for that call:
-// on EAGAIN the buffer goes back before the goroutine parks in the runtime poller.
-// A burst that fills the buffer continues with splice(2) through a pipe pair taken
-// from a pool and returned as soon as the socket is empty (RelaySplice). An idle
+// read(2) inside RawConn.Read into a buffer taken from a pool just for that call;
+// the buffer goes back before the goroutine parks in the runtime poller. A burst
+// that fills the buffer continues with splice(2) through a pipe pair taken from a
+// pool and returned as soon as the socket is empty (RelaySplice). An idle
 // connection therefore costs two sockets, two small parked goroutines and a few
 // hundred bytes of bookkeeping, and never a pipe or a buffer.
 
@@ -108,15 +108,13 @@ type half struct {
 	c              *conn
 	bytes          *atomic.Int64
 	count          func(int64)
+	mode           RelayMode
+	pipes          *pipePool
+	pool           *sync.Pool // read buffers: copyBufs, or smallBufs for RelaySplice
 
-	// readFn is the non-blocking read run by srcRaw.Read: it takes a buffer
-	// from pool only for the read itself and gives it back on EAGAIN, so a
-	// half parked in the poller holds no buffer.
-	pool   *sync.Pool
-	readFn func(fd uintptr) bool
-	bp     *[]byte
-	n      int
-	rerr   error
+	stepFn func(fd uintptr) bool // h.step, allocated once
+	eof    bool
+	err    error
 }
 
 // errors a half reports, so the connection can name its close reason.
@@ -128,26 +126,13 @@ type relayError struct {
 func (e *relayError) Error() string { return e.err.Error() }
 func (e *relayError) Unwrap() error { return e.err }
 
-func newHalf(c *conn, src, dst *net.TCPConn, srcRaw, dstRaw syscall.RawConn, bytes *atomic.Int64, count func(int64), mode RelayMode) *half {
-	h := &half{src: src, dst: dst, srcRaw: srcRaw, dstRaw: dstRaw, c: c, bytes: bytes, count: count, pool: copyBufs}
+func newHalf(c *conn, src, dst *net.TCPConn, srcRaw, dstRaw syscall.RawConn, bytes *atomic.Int64, count func(int64), mode RelayMode, pipes *pipePool) *half {
+	h := &half{src: src, dst: dst, srcRaw: srcRaw, dstRaw: dstRaw, c: c, bytes: bytes, count: count,
+		mode: mode, pipes: pipes, pool: copyBufs}
 	if mode == RelaySplice {
 		h.pool = smallBufs
 	}
-	h.readFn = func(fd uintptr) bool {
-		bp := h.pool.Get().(*[]byte)
-		for {
-			h.n, h.rerr = unix.Read(int(fd), *bp)
-			if h.rerr != unix.EINTR {
-				break
-			}
-		}
-		if h.rerr == unix.EAGAIN {
-			h.pool.Put(bp)
-			return false // wait for readability, holding nothing
-		}
-		h.bp = bp
-		return true
-	}
+	h.stepFn = h.step
 	return h
 }
 
@@ -159,88 +144,124 @@ func (h *half) moved(n int) {
 
 // run relays until src reaches EOF (nil) or something fails.
 //
-// RelaySplice copies a burst's first read (up to smallBufSize) and only a read
-// that fills the buffer switches to splicing for the rest of the burst: small
-// messages cost the same two syscalls either way and need no pipe.
-func (h *half) run(mode RelayMode, pipes *pipePool) error {
+// The whole direction is one RawConn.Read: step runs whenever the runtime
+// poller reports src readable, reads until EAGAIN and returns false to wait for
+// the next readiness (one read lock and poller reset per direction, not per
+// burst).
+func (h *half) run() error {
+	if err := h.srcRaw.Read(h.stepFn); err != nil {
+		return &relayError{read: true, err: err}
+	}
+	if h.eof {
+		return nil
+	}
+	return h.err
+}
+
+// step moves what src has; it reports true when the direction is over (EOF or
+// an error in h.eof / h.err). Buffers and pipes are taken for the moves only and
+// returned before step asks to wait, so a parked direction holds neither.
+//
+// RelaySplice copies a burst's first read (up to smallBufSize): a small message
+// costs the same two syscalls as splicing it and needs no pipe. A read that fills
+// the buffer switches to splicing for the rest of the burst.
+func (h *half) step(fd uintptr) bool {
 	for {
-		h.bp = nil
-		if err := h.srcRaw.Read(h.readFn); err != nil {
-			return &relayError{read: true, err: err}
-		}
-		bp, n, rerr := h.bp, h.n, h.rerr
-		if rerr != nil {
+		bp := h.pool.Get().(*[]byte)
+		n, rerr := readRetry(int(fd), *bp)
+		switch {
+		case rerr == unix.EAGAIN:
 			h.pool.Put(bp)
-			return &relayError{read: true, err: rerr}
-		}
-		if n == 0 {
+			return false
+		case rerr != nil:
 			h.pool.Put(bp)
-			return nil // EOF
+			h.err = &relayError{read: true, err: rerr}
+			return true
+		case n == 0:
+			h.pool.Put(bp)
+			h.eof = true
+			return true
 		}
 		_, werr := h.dst.Write((*bp)[:n])
 		full := n == len(*bp)
 		h.pool.Put(bp)
 		if werr != nil {
-			return &relayError{err: werr}
+			h.err = &relayError{err: werr}
+			return true
 		}
 		h.moved(n)
-		if mode == RelaySplice && full {
-			if eof, err := h.spliceBurst(pipes); err != nil || eof {
-				return err
+		// Read again even after a short read: the poller is edge-triggered, and
+		// a FIN queued behind the data just read raised its edge before that
+		// read, so waiting now could wait forever. EAGAIN is the only proof the
+		// socket is empty.
+		if full && h.mode == RelaySplice {
+			if done, wait := h.spliceBurst(int(fd)); done || wait {
+				return done
 			}
 		}
 	}
 }
 
-// spliceBurst splices what src has into a pooled pipe and on into dst.
-func (h *half) spliceBurst(pipes *pipePool) (eof bool, err error) {
-	p, perr := pipes.get()
+func readRetry(fd int, b []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, b)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+// spliceBurst splices what src (fd) has into a pooled pipe and on into dst until
+// src is empty (wait) or the direction is over (done). Without a pipe (out of
+// descriptors) it returns neither, and step copies instead.
+func (h *half) spliceBurst(fd int) (done, wait bool) {
+	p, perr := h.pipes.get()
 	if perr != nil {
-		return false, nil // out of descriptors for a pipe: copy instead
+		return false, false
 	}
 	inPipe := 0
-	defer func() { pipes.put(p, inPipe == 0) }()
+	defer func() { h.pipes.put(p, inPipe == 0) }()
 	for {
 		var n int64
 		var serr error
-		if err := h.srcRaw.Read(func(fd uintptr) bool {
-			for {
-				n, serr = unix.Splice(int(fd), nil, p.w, nil, p.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				if serr != unix.EINTR {
-					return true
-				}
+		for {
+			n, serr = unix.Splice(fd, nil, p.w, nil, p.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if serr != unix.EINTR {
+				break
 			}
-		}); err != nil {
-			return false, &relayError{read: true, err: err}
 		}
 		switch {
 		case serr == unix.EAGAIN:
-			return false, nil
+			return false, true
 		case serr != nil:
-			return false, &relayError{read: true, err: serr}
+			h.err = &relayError{read: true, err: serr}
+			return true, false
 		case n == 0:
-			return true, nil
+			h.eof = true
+			return true, false
 		}
 		inPipe = int(n)
 		for inPipe > 0 {
 			var m int64
 			var werr error
-			if err := h.dstRaw.Write(func(fd uintptr) bool {
+			if err := h.dstRaw.Write(func(dfd uintptr) bool {
 				for {
-					m, werr = unix.Splice(p.r, nil, int(fd), nil, inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+					m, werr = unix.Splice(p.r, nil, int(dfd), nil, inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 					if werr != unix.EINTR {
 						break
 					}
 				}
 				return werr != unix.EAGAIN // EAGAIN: wait until dst is writable
 			}); err != nil {
-				return false, &relayError{err: err}
+				h.err = &relayError{err: err}
+				return true, false
+			}
+			if werr == nil && m == 0 {
+				werr = io.ErrShortWrite
 			}
 			if werr != nil {
-				return false, &relayError{err: werr}
-			}
-			if m == 0 {
-				return false, &relayError{err: io.ErrShortWrite}
+				h.err = &relayError{err: werr}
+				return true, false
 			}
 			inPipe -= int(m)
 			h.moved(int(m))
