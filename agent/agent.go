@@ -167,12 +167,21 @@ func (a *Agent) Run(ctx context.Context, reload <-chan struct{}) error {
 	}
 }
 
+// releaseAllowance is how long subsystems may take, after shutdown_grace, to give
+// back host state: the proxy and the relay drain for all of shutdown_grace, and the
+// subsystems stopped after them (steering detaching and unpinning its programs) must
+// still get to finish. Unit files and the DaemonSet's termination grace period allow
+// for shutdown_grace plus this.
+const releaseAllowance = 3 * time.Second
+
+func stopBudget(cfg *config.Config) time.Duration { return cfg.ShutdownGrace.D() + releaseAllowance }
+
 func (a *Agent) shutdown(srv *http.Server, notify *notifier) error {
 	a.log.Info("stopping: readiness off, draining", "grace", a.cfg.ShutdownGrace.D())
 	a.status.SetStopping()
 	notify.stopping()
 	notify.update(a.status.Snapshot())
-	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownGrace.D())
+	ctx, cancel := context.WithTimeout(context.Background(), stopBudget(a.cfg))
 	defer cancel()
 	a.mu.Lock()
 	var subs []*supervised
@@ -301,7 +310,7 @@ func (a *Agent) reload(ctx context.Context) {
 			err := st.inst.Update(next)
 			if errors.Is(err, health.ErrNeedsRestart) {
 				a.log.Info("restarting subsystem for the new configuration", "subsystem", c.name)
-				stopCtx, cancel := context.WithTimeout(context.Background(), next.ShutdownGrace.D())
+				stopCtx, cancel := context.WithTimeout(context.Background(), stopBudget(next))
 				if err := st.sup.stop(stopCtx); err != nil {
 					a.log.Error("subsystem slow to stop for restart", "subsystem", c.name, "error", err)
 				}
@@ -320,7 +329,7 @@ func (a *Agent) reload(ctx context.Context) {
 }
 
 func (a *Agent) stopComponent(c component, st *instanceState) {
-	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownGrace.D())
+	ctx, cancel := context.WithTimeout(context.Background(), stopBudget(a.cfg))
 	defer cancel()
 	if err := st.sup.stop(ctx); err != nil {
 		a.log.Error("disabled subsystem slow to stop", "subsystem", c.name, "error", err)
