@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/nodeagent/nodeagent/agent/health"
@@ -45,6 +46,7 @@ type sink struct {
 
 	addr string
 	srv  *grpc.Server
+	md   metadata.MD // of the last call
 }
 
 func newSink() *sink {
@@ -78,10 +80,11 @@ func (s *sink) stop() {
 	}
 }
 
-func (s *sink) Export(_ context.Context, req ptraceotlp.ExportRequest) (ptraceotlp.ExportResponse, error) {
+func (s *sink) Export(ctx context.Context, req ptraceotlp.ExportRequest) (ptraceotlp.ExportResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.calls++
+	s.md, _ = metadata.FromIncomingContext(ctx)
 	if e := s.failWith.Load(); e != nil {
 		return ptraceotlp.NewExportResponse(), *e
 	}

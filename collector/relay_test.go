@@ -608,3 +608,72 @@ func TestGzipCompressorIsOurs(t *testing.T) {
 		t.Fatalf("got gRPC gzip compressor %T; want the relay's *gzipCompressor", encoding.GetCompressor("gzip"))
 	}
 }
+
+func TestGRPCExporterHeadersAndNoCompression(t *testing.T) {
+	up := newSink()
+	up.start(t, "127.0.0.1:0")
+	opts := testOptions(t, up.addr)
+	opts.Exporter.Headers = map[string]string{"authorization": "Bearer t0ken", "x-tenant": "blue"}
+	opts.Exporter.Compression = "none"
+	tr := startRelay(t, opts)
+	td, ids := makeTraces("headers", 2)
+	if err := sendGRPC(grpcClient(t, tr.grpcAddr), td); err != nil {
+		t.Fatal(err)
+	}
+	up.waitIDs(t, ids, 10*time.Second)
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	for k, want := range opts.Exporter.Headers {
+		if got := up.md.Get(k); len(got) != 1 || got[0] != want {
+			t.Errorf("got metadata %s=%v; want %q", k, got, want)
+		}
+	}
+	if got := up.md.Get("grpc-encoding"); len(got) != 0 {
+		t.Errorf("got grpc-encoding %v with compression none; want none", got)
+	}
+}
+
+func TestCorruptQueueSegmentIsReportedNotFatal(t *testing.T) {
+	addr := freeAddr(t)
+	opts := testOptions(t, addr)
+	// First run: queue spans with the upstream down, then stop.
+	tr := startRelay(t, opts)
+	td, _ := makeTraces("corrupt", 5)
+	if err := sendGRPC(grpcClient(t, tr.grpcAddr), td); err != nil {
+		t.Fatal(err)
+	}
+	tr.stop(t)
+	segs, _ := filepath.Glob(filepath.Join(opts.Queue.Dir, "*.seg"))
+	corrupted := false
+	for _, s := range segs {
+		b, _ := os.ReadFile(s)
+		if len(b) > 20 {
+			b[12] ^= 0xff
+			os.WriteFile(s, b, 0o600)
+			corrupted = true
+		}
+	}
+	if !corrupted {
+		t.Fatalf("no queued data to corrupt in %v", segs)
+	}
+	// Second run: the segment is quarantined and reported; new spans still flow.
+	up := newSink()
+	up.start(t, addr)
+	tr = startRelay(t, opts)
+	res, ok := tr.rec.WaitFor(health.OTLP, 10*time.Second, func(r health.Result) bool { return strings.Contains(r.Detail, "corrupt") })
+	if !ok {
+		t.Fatalf("got health %+v; want the quarantined segment reported", res)
+	}
+	if got := testutil.ToFloat64(tr.m.corrupt); got != 1 {
+		t.Fatalf("got corrupt segments %v; want 1", got)
+	}
+	q, _ := filepath.Glob(filepath.Join(opts.Queue.Dir, "*.corrupt"))
+	if len(q) != 1 {
+		t.Fatalf("got quarantined files %v; want 1", q)
+	}
+	td, ids := makeTraces("after-corrupt", 3)
+	if err := sendGRPC(grpcClient(t, tr.grpcAddr), td); err != nil {
+		t.Fatal(err)
+	}
+	up.waitIDs(t, ids, 10*time.Second)
+}

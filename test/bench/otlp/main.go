@@ -52,13 +52,14 @@ import (
 )
 
 var (
-	duration = flag.Duration("duration", 10*time.Second, "length of each load phase")
-	rate     = flag.Int("rate", 50000, "spans per second in the fixed-rate phase")
-	workers  = flag.Int("workers", 4, "telemetrygen workers")
-	batch    = flag.Int("batch-size", 512, "telemetrygen SDK batch size (spans per request)")
-	fsync    = flag.String("fsync", "segment", "relay queue fsync policy: never, segment or always")
-	only     = flag.String("only", "", "run only this subject: relay or otelcol")
-	loadKind = flag.String("load", "both", "load generator: telemetrygen, builtin (pre-encoded requests from this program, cheap enough to reach 50k spans/s on a small machine) or both")
+	duration   = flag.Duration("duration", 10*time.Second, "length of each load phase")
+	rate       = flag.Int("rate", 50000, "spans per second in the fixed-rate phase")
+	workers    = flag.Int("workers", 4, "telemetrygen workers")
+	batch      = flag.Int("batch-size", 512, "telemetrygen SDK batch size (spans per request)")
+	fsync      = flag.String("fsync", "segment", "relay queue fsync policy: never, segment or always")
+	only       = flag.String("only", "", "run only this subject: relay or otelcol")
+	relayProcs = flag.Int("relay-gomaxprocs", 0, "GOMAXPROCS for the relay process (0: Go's default)")
+	loadKind   = flag.String("load", "both", "load generator: telemetrygen, builtin (pre-encoded requests from this program, cheap enough to reach 50k spans/s on a small machine) or both")
 )
 
 func main() {
@@ -180,6 +181,9 @@ func bench() error {
 		}
 		for _, lk := range loads() {
 			c := exec.Command(cmd.Path, cmd.Args[1:]...)
+			if name == "relay" && *relayProcs > 0 {
+				c.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(*relayProcs))
+			}
 			if name == "relay" {
 				os.RemoveAll(filepath.Join(work, "queue"))
 			}
