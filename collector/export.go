@@ -1,7 +1,6 @@
 package collector
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -271,8 +270,12 @@ func (s *httpSender) send(ctx context.Context, parts [][]byte) (int64, string, e
 	if s.gzip {
 		var zb bytes.Buffer
 		zw, _ := gzip.NewWriterLevel(&zb, gzip.BestSpeed)
-		zw.Write(body)
-		zw.Close()
+		if _, err := zw.Write(body); err != nil {
+			return 0, "", fmt.Errorf("compress export: %w", err)
+		}
+		if err := zw.Close(); err != nil {
+			return 0, "", fmt.Errorf("compress export: %w", err)
+		}
 		rd = &zb
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, rd)
@@ -337,7 +340,6 @@ type fileSender struct {
 	path string
 	mu   sync.Mutex
 	f    *os.File
-	w    *bufio.Writer
 }
 
 func newFileSender(e Exporter) (*fileSender, error) {

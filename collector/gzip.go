@@ -42,7 +42,7 @@ func (c *gzipCompressor) Name() string { return "gzip" }
 
 func (c *gzipCompressor) Compress(w io.Writer) (io.WriteCloser, error) {
 	z := c.w.Get().(*gzipWriter)
-	z.Writer.Reset(w)
+	z.Reset(w)
 	return z, nil
 }
 

@@ -240,12 +240,12 @@ func (rn *runState) serveTraces(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", ct)
 	w.WriteHeader(http.StatusOK)
-	w.Write(body)
+	_, _ = w.Write(body) // the client went away; nothing to do
 }
 
 // readBody reads the (decompressed) body into buf, at most max bytes.
 func readBody(buf *bytes.Buffer, r *http.Request, max int64) *httpError {
-	var src io.Reader = io.LimitReader(r.Body, max+1)
+	src := io.LimitReader(r.Body, max+1)
 	switch enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding"))); enc {
 	case "", "identity":
 	case "gzip", "x-gzip":
@@ -273,7 +273,7 @@ func readBody(buf *bytes.Buffer, r *http.Request, max int64) *httpError {
 			return &httpError{http.StatusBadRequest, "zstd body: " + err.Error()}
 		}
 		defer func() {
-			zr.Reset(nil)
+			_ = zr.Reset(nil) // releases the body; cannot fail for nil
 			zstdPool.Put(zr)
 		}()
 		src = zr
@@ -308,7 +308,7 @@ func writeStatus(w http.ResponseWriter, ct string, code int, msg string) {
 	}
 	w.Header().Set("Content-Type", ct)
 	w.WriteHeader(code)
-	w.Write(body)
+	_, _ = w.Write(body)
 }
 
 func httpToGRPC(code int) codes.Code {

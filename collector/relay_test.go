@@ -249,7 +249,7 @@ func TestQueueFullIsRetryable(t *testing.T) {
 	c := grpcClient(t, tr.grpcAddr)
 	var acked []uint64
 	var grpcRefused, httpRefused bool
-	for i := 0; i < 200 && !(grpcRefused && httpRefused); i++ {
+	for i := 0; i < 200 && (!grpcRefused || !httpRefused); i++ {
 		td, ids := makeTraces("full-svc", 20)
 		if i%2 == 0 {
 			err := sendGRPC(c, td)
@@ -460,7 +460,7 @@ func TestDrainFlushesAndLeavesRest(t *testing.T) {
 	// A restart of Run on the same relay (as the supervisor does) exports them.
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- tr.Relay.Run(ctx) }()
+	go func() { done <- tr.Run(ctx) }()
 	up2.waitIDs(t, ids, 10*time.Second)
 	cancel()
 	if err := <-done; err != nil {

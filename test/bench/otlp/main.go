@@ -94,8 +94,9 @@ func runRelay(args []string) {
 	if p := os.Getenv("OTLP_BENCH_CPUPROFILE"); p != "" { // profile the relay: go tool pprof
 		f, err := os.Create(p)
 		if err == nil {
-			pprof.StartCPUProfile(f)
-			defer pprof.StopCPUProfile()
+			if err := pprof.StartCPUProfile(f); err == nil {
+				defer pprof.StopCPUProfile()
+			}
 		}
 	}
 	if err := r.Run(ctx); err != nil {
@@ -140,7 +141,7 @@ func bench() error {
 	s := &sink{}
 	gs := grpc.NewServer(grpc.MaxRecvMsgSize(64 << 20))
 	ptraceotlp.RegisterGRPCServer(gs, s)
-	go gs.Serve(l)
+	go func() { _ = gs.Serve(l) }()
 	defer gs.Stop()
 	upstream := l.Addr().String()
 
@@ -246,13 +247,13 @@ func measure(name, loadName string, cmd *exec.Cmd, addr, tg string, s *sink) (re
 		return res, err
 	}
 	defer func() {
-		cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Process.Signal(syscall.SIGTERM)
 		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
+		go func() { _ = cmd.Wait(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(15 * time.Second):
-			cmd.Process.Kill()
+			_ = cmd.Process.Kill()
 			<-done
 		}
 	}()
