@@ -224,7 +224,7 @@ func (t *Relay) Run(ctx context.Context) error {
 	batches := make(chan *batch)
 	var exp sync.WaitGroup
 	exp.Add(1)
-	go func() { defer exp.Done(); rn.batcher(batchCtx, batches) }()
+	go func() { defer exp.Done(); rn.batcher(batchCtx, exportCtx, batches) }()
 	for i := 0; i < opts.Queue.Consumers; i++ {
 		exp.Add(1)
 		go func() { defer exp.Done(); rn.consume(exportCtx, batches) }()
@@ -244,6 +244,7 @@ func (t *Relay) Run(ctx context.Context) error {
 	}
 	if hl != nil {
 		hs = &http.Server{Handler: rn.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 64 << 10,
+			ReadTimeout: 2 * time.Minute, IdleTimeout: 2 * time.Minute,
 			ErrorLog: slog.NewLogLogger(t.log.Handler(), slog.LevelDebug)}
 		go func() {
 			if err := hs.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -337,14 +338,18 @@ type batch struct {
 }
 
 // batcher gathers queue records into batches and hands them to the senders. When ctx ends it
-// flushes what is immediately readable from the queue, then closes out.
-func (rn *runState) batcher(ctx context.Context, out chan<- *batch) {
+// keeps reading what is in the queue for the senders to flush, until the queue is empty or
+// exportCtx ends (the grace period is over), then closes out.
+func (rn *runState) batcher(ctx, exportCtx context.Context, out chan<- *batch) {
 	defer close(out)
 	var cur *batch
 	var deadline time.Time
 	flush := func() {
 		if cur != nil {
-			out <- cur
+			select {
+			case out <- cur:
+			case <-exportCtx.Done(): // not exported: it stays in the queue
+			}
 			cur = nil
 		}
 	}
@@ -398,7 +403,7 @@ func (rn *runState) batcher(ctx context.Context, out chan<- *batch) {
 			continue
 		}
 		// Draining: take what is there now.
-		for {
+		for exportCtx.Err() == nil {
 			r, ok, err := rn.q.TryNext()
 			if err != nil || !ok {
 				break
