@@ -59,6 +59,7 @@ var (
 	fsync      = flag.String("fsync", "segment", "relay queue fsync policy: never, segment or always")
 	only       = flag.String("only", "", "run only this subject: relay or otelcol")
 	relayProcs = flag.Int("relay-gomaxprocs", 0, "GOMAXPROCS for the relay process (0: Go's default)")
+	relayGOGC  = flag.Int("relay-gogc", 0, "GOGC for the relay process (0: Go's default, 100)")
 	loadKind   = flag.String("load", "both", "load generator: telemetrygen, builtin (pre-encoded requests from this program, cheap enough to reach 50k spans/s on a small machine) or both")
 )
 
@@ -182,8 +183,14 @@ func bench() error {
 		}
 		for _, lk := range loads() {
 			c := exec.Command(cmd.Path, cmd.Args[1:]...)
-			if name == "relay" && *relayProcs > 0 {
-				c.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(*relayProcs))
+			if name == "relay" {
+				c.Env = os.Environ()
+				if *relayProcs > 0 {
+					c.Env = append(c.Env, "GOMAXPROCS="+strconv.Itoa(*relayProcs))
+				}
+				if *relayGOGC > 0 {
+					c.Env = append(c.Env, "GOGC="+strconv.Itoa(*relayGOGC))
+				}
 			}
 			if name == "relay" {
 				os.RemoveAll(filepath.Join(work, "queue"))
