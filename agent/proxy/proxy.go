@@ -318,7 +318,7 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, conns *sync.Wai
 			continue
 		}
 		delay = 0
-		conns.Go(func() { p.serve(ctx, c) })
+		conns.Go(func() { p.serve(ctx, c, conns) })
 	}
 }
 
@@ -351,7 +351,11 @@ func (p *Proxy) shutdownConns(conns *sync.WaitGroup, grace time.Duration) {
 }
 
 // serve handles one accepted connection from the steering layer to its end.
-func (p *Proxy) serve(ctx context.Context, nc net.Conn) {
+//
+// serve returns once the relay is set up: the relay runs in two fresh goroutines
+// (counted in conns), so the deep stack of the accept-and-dial phase is not kept
+// alive by a connection that then idles for hours.
+func (p *Proxy) serve(ctx context.Context, nc net.Conn, conns *sync.WaitGroup) {
 	client, ok := nc.(*net.TCPConn)
 	if !ok {
 		nc.Close()
@@ -388,18 +392,24 @@ func (p *Proxy) serve(ctx context.Context, nc net.Conn) {
 		p: p, client: client, target: target, route: r, routeID: r.id(), ep: ep,
 		clientAddr: clientAddr, orig: dst, start: accepted,
 		idle: o.IdleTimeout, maxDur: o.MaxConnectionDuration,
+		logIt: o.AccessLog && (o.AccessLogSample >= 1 || rand.Float64() < o.AccessLogSample),
 	}
 	c.touch()
 	if !p.track(c) {
 		c.close("shutdown", false)
 	}
-	c.relay(o.Relay)
-	p.untrack(c)
-	if o.AccessLog && (o.AccessLogSample >= 1 || rand.Float64() < o.AccessLogSample) {
-		p.log.Info("connection",
-			"client", clientAddr.String(), "original_dst", dst.String(), "mapping", r.key, "target", r.target,
-			"endpoint", target.RemoteAddr().String(), "bytes_upstream", c.up.Load(), "bytes_downstream", c.down.Load(),
-			"duration", time.Since(accepted), "reason", c.reasonString())
+	c.relay(o.Relay, conns)
+}
+
+// ended runs once, after both directions of c stopped.
+func (c *conn) ended() {
+	c.close("done", false)
+	c.p.untrack(c)
+	if c.logIt {
+		c.p.log.Info("connection",
+			"client", c.clientAddr.String(), "original_dst", c.orig.String(), "mapping", c.route.key, "target", c.route.target,
+			"endpoint", c.target.RemoteAddr().String(), "bytes_upstream", c.up.Load(), "bytes_downstream", c.down.Load(),
+			"duration", time.Since(c.start), "reason", c.reasonString())
 	}
 }
 
@@ -530,6 +540,7 @@ type conn struct {
 	last     atomic.Int64 // UnixNano of the last byte moved
 	up, down atomic.Int64
 	eofs     atomic.Int32 // directions that ended with EOF
+	logIt    bool         // sampled for the access log
 
 	mu      sync.Mutex
 	timer   *time.Timer
@@ -646,7 +657,7 @@ func (c *conn) onTimer() {
 }
 
 // relay moves bytes both ways until both directions ended or one failed.
-func (c *conn) relay(mode RelayMode) {
+func (c *conn) relay(mode RelayMode, wg *sync.WaitGroup) {
 	c.mu.Lock()
 	c.armLocked()
 	c.mu.Unlock()
@@ -654,19 +665,26 @@ func (c *conn) relay(mode RelayMode) {
 	targetRaw, err2 := c.target.SyscallConn()
 	if err := errors.Join(err1, err2); err != nil {
 		c.close("client_error", true)
+		c.ended()
 		return
 	}
 	m := c.p.m
 	up := newHalf(c, c.client, c.target, clientRaw, targetRaw, &c.up, func(n int64) { m.bytesUp.Add(float64(n)) }, mode, c.p.pipes)
 	down := newHalf(c, c.target, c.client, targetRaw, clientRaw, &c.down, func(n int64) { m.bytesDown.Add(float64(n)) }, mode, c.p.pipes)
-	done := make(chan struct{})
-	go func() {
+	var running atomic.Int32
+	running.Store(2)
+	wg.Go(func() {
 		c.finish(down, down.run(), "target", "client")
-		close(done)
-	}()
-	c.finish(up, up.run(), "client", "target")
-	<-done
-	c.close("done", false)
+		if running.Add(-1) == 0 {
+			c.ended()
+		}
+	})
+	wg.Go(func() {
+		c.finish(up, up.run(), "client", "target")
+		if running.Add(-1) == 0 {
+			c.ended()
+		}
+	})
 }
 
 // finish ends one direction: a clean EOF is passed on as a FIN (half-close), a

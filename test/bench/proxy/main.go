@@ -54,6 +54,7 @@ func main() {
 	rtts := flag.Int("rtts", 20000, "1 KiB round trips for the latency run")
 	idle := flag.Int("idle", 9900, "idle connections for the memory run (the proxy holds 2 descriptors each; the hard RLIMIT_NOFILE bounds it)")
 	cpuprofile := flag.String("cpuprofile", "", "nodeagent child: write a CPU profile here")
+	rounds := flag.Int("rounds", 3, "runs of each throughput, conn/s and latency measurement; the median is reported")
 	only := flag.String("only", "", "comma-separated subset of: direct,haproxy,nodeagent-splice,nodeagent-copy,go-iocopy")
 	flag.Parse()
 	raiseNoFile()
@@ -78,7 +79,7 @@ func main() {
 		rate, err = connRate(*target, *duration, *conc)
 		fmt.Printf("%.0f connections/s\n", rate)
 	case "bench":
-		err = bench(benchConfig{duration: *duration, conc: *conc, rtts: *rtts, idle: *idle, only: *only})
+		err = bench(benchConfig{duration: *duration, conc: *conc, rtts: *rtts, idle: *idle, only: *only, rounds: max(*rounds, 1)})
 	default:
 		err = fmt.Errorf("unknown role %q", *role)
 	}
@@ -234,6 +235,7 @@ type benchConfig struct {
 	rtts     int
 	idle     int
 	only     string
+	rounds   int
 }
 
 type result struct {
@@ -381,10 +383,10 @@ func withHAProxy(path, serverAddr string, cfg benchConfig, fdMax uint64) (result
 	defer os.RemoveAll(dir)
 	// maxconn and maxpipes sized so 2 descriptors per connection plus the pipes
 	// fit under the hard descriptor limit.
-	maxconn := cfg.idle + 50
+	maxconn := cfg.idle + 40
 	conf := fmt.Sprintf(`global
     maxconn %d
-    maxpipes 128
+    maxpipes 16
     nbthread 2
     ulimit-n %d
 
@@ -427,25 +429,37 @@ func measure(name, addr string, pid int, cfg benchConfig, idle int) result {
 	r := result{name: name}
 	var notes []string
 	fmt.Fprintf(os.Stderr, "== %s\n", name)
-	if g, err := throughput(addr, cfg.duration); err != nil {
-		notes = append(notes, "throughput: "+err.Error())
-	} else {
-		r.gbps = g
-	}
-	cpu0, _ := cpuTime(pid)
-	t0 := time.Now()
-	if c, err := connRate(addr, cfg.duration, cfg.conc); err != nil {
-		notes = append(notes, "conn rate: "+err.Error())
-	} else {
-		r.connsPerSec = c
-		if cpu1, err := cpuTime(pid); err == nil && pid != 0 {
-			r.cpuPerConn = (cpu1 - cpu0) / time.Duration(c*time.Since(t0).Seconds())
+	// Each measurement runs cfg.rounds times; the median is reported.
+	var gbps, rates, p50s, p99s []float64
+	var cpus []time.Duration
+	for range cfg.rounds {
+		if g, err := throughput(addr, cfg.duration); err != nil {
+			notes = append(notes, "throughput: "+err.Error())
+		} else {
+			gbps = append(gbps, g)
+		}
+		cpu0, _ := cpuTime(pid)
+		t0 := time.Now()
+		if c, err := connRate(addr, cfg.duration, cfg.conc); err != nil {
+			notes = append(notes, "conn rate: "+err.Error())
+		} else {
+			rates = append(rates, c)
+			if cpu1, err := cpuTime(pid); err == nil && pid != 0 {
+				cpus = append(cpus, (cpu1-cpu0)/time.Duration(c*time.Since(t0).Seconds()))
+			}
+		}
+		if p50, p99, err := latency(addr, cfg.rtts); err != nil {
+			notes = append(notes, "latency: "+err.Error())
+		} else {
+			p50s = append(p50s, float64(p50))
+			p99s = append(p99s, float64(p99))
 		}
 	}
-	if p50, p99, err := latency(addr, cfg.rtts); err != nil {
-		notes = append(notes, "latency: "+err.Error())
-	} else {
-		r.p50, r.p99 = p50, p99
+	r.gbps, r.connsPerSec = median(gbps), median(rates)
+	r.p50, r.p99 = time.Duration(median(p50s)), time.Duration(median(p99s))
+	if len(cpus) > 0 {
+		slices.Sort(cpus)
+		r.cpuPerConn = cpus[len(cpus)/2]
 	}
 	if pid != 0 && idle > 0 {
 		time.Sleep(2 * time.Second) // let TIME_WAIT and closing sockets settle
@@ -459,6 +473,14 @@ func measure(name, addr string, pid int, cfg benchConfig, idle int) result {
 	r.note = strings.Join(notes, "; ")
 	fmt.Fprintf(os.Stderr, "   %+v\n", r)
 	return r
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	slices.Sort(v)
+	return v[len(v)/2]
 }
 
 func throughput(addr string, d time.Duration) (float64, error) {
@@ -633,8 +655,8 @@ func countFDs(pid int) (int, error) {
 
 func printTable(w io.Writer, rs []result, cfg benchConfig, fdMax uint64) {
 	host, _ := os.Hostname()
-	fmt.Fprintf(w, "\nproxy benchmark on %s (%d CPUs, RLIMIT_NOFILE hard %d); throughput and conn/s over %v, %d conn/s workers, %d round trips of 1 KiB\n\n",
-		host, numCPU(), fdMax, cfg.duration, cfg.conc, cfg.rtts)
+	fmt.Fprintf(w, "\nproxy benchmark on %s (%d CPUs, RLIMIT_NOFILE hard %d); medians of %d rounds: throughput and conn/s over %v each, %d conn/s workers, %d round trips of 1 KiB\n\n",
+		host, numCPU(), fdMax, cfg.rounds, cfg.duration, cfg.conc, cfg.rtts)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "proxy\tthroughput Gbit/s\tconn/s\tproxy CPU µs/conn\tp50 µs\tp99 µs\tidle conns\tRSS KiB/idle conn\tfds/idle conn\tnote")
 	for _, r := range rs {
