@@ -11,13 +11,11 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/nodeagent/nodeagent/agent/config"
 	"github.com/nodeagent/nodeagent/agent/health"
+	"github.com/nodeagent/nodeagent/agent/reuseport"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -358,16 +356,7 @@ func (a *Agent) listener(name, addr string) (net.Listener, error) {
 	if ls := a.listeners[name]; len(ls) > 0 {
 		return ls[0], nil
 	}
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
-	return lc.Listen(context.Background(), "tcp", addr)
+	return reuseport.Listen(context.Background(), addr)
 }
 
 // LoadConfig reads and validates the configuration file: the file's own rules, then

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nodeagent/nodeagent/agent/reuseport"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 
@@ -192,7 +193,8 @@ func (t *Relay) Run(ctx context.Context) error {
 		if !valid {
 			return nil, nil
 		}
-		l, err := net.Listen("tcp", ap.String())
+		// SO_REUSEPORT: a new agent binds beside the old one during a rolling update.
+		l, err := reuseport.Listen(context.Background(), ap.String())
 		if err != nil {
 			return nil, fmt.Errorf("listen %s on %s: %w", name, ap, err)
 		}
