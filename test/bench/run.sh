@@ -12,7 +12,7 @@ echo "== uplink: cost of one re-evaluation (root)"
 go test -run '^$' -bench Evaluate ./netcfg
 
 echo "== proxy: direct loopback vs HAProxy (TCP, splice) vs nodeagent"
-go run ./test/bench/proxy "$@"
+go run ./test/bench/proxy
 
 echo "== OTLP relay (durable queue) vs OpenTelemetry Collector v0.165.0"
 go run ./test/bench/otlp
