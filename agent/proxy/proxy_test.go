@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/nodeagent/nodeagent/agent/health"
@@ -1032,5 +1033,69 @@ func TestListenerSocketOptionsInherited(t *testing.T) {
 		if gerr != nil || got != o.want {
 			t.Errorf("accepted socket %s: got %d, %v; want %d", o.name, got, gerr, o.want)
 		}
+	}
+}
+
+func TestMetricsRegisteredAndInitialised(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	_, err := New(Options{
+		AddressMap: map[string]string{"169.254.28.1": "c"},
+		Clusters:   map[string]Cluster{"c": {Endpoints: []string{"127.0.0.1:9"}}},
+	}, nil, reg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]int{
+		"nodeagent_proxy_connections_total":        2 + len(mappedResults), // none×{no_original_dst,unmapped} + the mapping's results
+		"nodeagent_proxy_active_connections":       1,
+		"nodeagent_proxy_bytes_total":              2,
+		"nodeagent_proxy_connect_duration_seconds": 1,
+		"nodeagent_proxy_accept_errors_total":      1,
+	} {
+		if got, err := testutil.GatherAndCount(reg, name); err != nil || got != want {
+			t.Errorf("%s series: got %d, %v; want %d", name, got, err, want)
+		}
+	}
+	// A second proxy on the same registry is an error, not a panic.
+	if _, err := New(Options{}, nil, reg, nil); err == nil {
+		t.Error("New with metrics already registered: got nil; want an error")
+	}
+}
+
+func TestAccessLogOff(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t, "127.0.0.1:0", func(c *net.TCPConn) { c.Write([]byte("ok")) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	orig := newFakeOrig()
+	orig.set("127.0.0.2", "169.254.29.1:80")
+	logs := &logBuf{}
+	p, err := New(Options{
+		Listeners: []net.Listener{ln}, OriginalDst: orig, AccessLog: false,
+		AddressMap: map[string]string{"169.254.29.1:80": srv.addr.String()},
+	}, slogJSON(logs), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- p.Run(ctx) }()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}
+	c, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.ReadAll(c)
+	c.Close()
+	waitMetric(t, "active_connections", 0, func() float64 { return testutil.ToFloat64(p.m.active) })
+	cancel()
+	<-errc
+	if n := len(logs.records("connection")); n != 0 {
+		t.Errorf("access log lines with AccessLog off: got %d; want 0", n)
 	}
 }

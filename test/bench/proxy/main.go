@@ -31,6 +31,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -54,6 +55,7 @@ func main() {
 	rtts := flag.Int("rtts", 20000, "1 KiB round trips for the latency run")
 	idle := flag.Int("idle", 9900, "idle connections for the memory run (the proxy holds 2 descriptors each; the hard RLIMIT_NOFILE bounds it)")
 	cpuprofile := flag.String("cpuprofile", "", "nodeagent child: write a CPU profile here")
+	procs := flag.Int("proxy-gomaxprocs", 0, "GOMAXPROCS of the nodeagent child (0: Go's default)")
 	rounds := flag.Int("rounds", 3, "runs of each throughput, conn/s and latency measurement; the median is reported")
 	only := flag.String("only", "", "comma-separated subset of: direct,haproxy,nodeagent-splice,nodeagent-copy,go-iocopy")
 	flag.Parse()
@@ -71,6 +73,9 @@ func main() {
 				defer pprof.StopCPUProfile()
 			}
 		}
+		if *procs > 0 {
+			runtime.GOMAXPROCS(*procs)
+		}
 		err = runNodeagent(*listen, *target, proxy.RelayMode(*relay))
 	case "gocopy":
 		err = runGoCopy(*listen, *target)
@@ -79,7 +84,7 @@ func main() {
 		rate, err = connRate(*target, *duration, *conc)
 		fmt.Printf("%.0f connections/s\n", rate)
 	case "bench":
-		err = bench(benchConfig{duration: *duration, conc: *conc, rtts: *rtts, idle: *idle, only: *only, rounds: max(*rounds, 1)})
+		err = bench(benchConfig{duration: *duration, conc: *conc, rtts: *rtts, idle: *idle, only: *only, rounds: max(*rounds, 1), procs: *procs})
 	default:
 		err = fmt.Errorf("unknown role %q", *role)
 	}
@@ -236,6 +241,7 @@ type benchConfig struct {
 	idle     int
 	only     string
 	rounds   int
+	procs    int
 }
 
 type result struct {
@@ -344,7 +350,7 @@ func bench(cfg benchConfig) error {
 		if !want(name) {
 			continue
 		}
-		results = append(results, withChildProxy(name, self, []string{"-role=nodeagent", "-relay=" + mode, "-target=" + serverAddr}, serverAddr, cfg, cfg.idle))
+		results = append(results, withChildProxy(name, self, []string{"-role=nodeagent", "-relay=" + mode, "-target=" + serverAddr, "-proxy-gomaxprocs=" + strconv.Itoa(cfg.procs)}, serverAddr, cfg, cfg.idle))
 	}
 	if want("go-iocopy") {
 		// Six descriptors per connection: the idle run has to be smaller.
