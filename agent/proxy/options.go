@@ -303,7 +303,8 @@ func normalizeHost(h string) (string, error) {
 			return "", fmt.Errorf("bad host name %q", h)
 		}
 		for _, r := range label {
-			if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			allowed := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_'
+			if !allowed {
 				return "", fmt.Errorf("bad host name %q", h)
 			}
 		}

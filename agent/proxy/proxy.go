@@ -230,13 +230,14 @@ func (p *Proxy) Run(ctx context.Context) error {
 		if owned[i] {
 			ln.Close()
 		} else if d, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
-			d.SetDeadline(time.Unix(1, 0))
+			// Fails only on a closed listener, whose Accept has returned already.
+			_ = d.SetDeadline(time.Unix(1, 0))
 		}
 	}
 	accepting.Wait()
 	for i, ln := range lns {
 		if d, ok := ln.(interface{ SetDeadline(time.Time) error }); ok && !owned[i] {
-			d.SetDeadline(time.Time{})
+			_ = d.SetDeadline(time.Time{}) // as above: only a closed listener refuses
 		}
 	}
 	p.shutdownConns(&conns, p.cfg.Load().opts.ShutdownGrace)
@@ -486,7 +487,8 @@ func (p *Proxy) connect(ctx context.Context, o Options, r *route, dst netip.Addr
 // refuse resets client at once (RST, not FIN: the client must not mistake it for
 // an empty answer) and counts it.
 func (p *Proxy) refuse(client *net.TCPConn, o Options, clientAddr, dst netip.AddrPort, mapping, result string, err error) {
-	client.SetLinger(0)
+	// If SetLinger fails, Close sends a FIN instead; there is nothing better to do.
+	_ = client.SetLinger(0)
 	client.Close()
 	p.m.connections.WithLabelValues(mapping, result).Inc()
 	if !o.AccessLog && result != resultConnectFailed && result != resultUnresolved {
@@ -591,8 +593,9 @@ func (c *conn) close(reason string, abort bool) {
 	}
 	c.mu.Unlock()
 	if abort {
-		c.client.SetLinger(0)
-		c.target.SetLinger(0)
+		// Best effort: without it Close sends a FIN instead of an RST.
+		_ = c.client.SetLinger(0)
+		_ = c.target.SetLinger(0)
 	}
 	c.client.Close()
 	c.target.Close()

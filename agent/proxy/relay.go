@@ -170,7 +170,7 @@ func (h *half) step(fd uintptr) bool {
 		bp := h.pool.Get().(*[]byte)
 		n, rerr := readRetry(int(fd), *bp)
 		switch {
-		case rerr == unix.EAGAIN:
+		case errors.Is(rerr, unix.EAGAIN):
 			h.pool.Put(bp)
 			return false
 		case rerr != nil:

@@ -101,7 +101,9 @@ func (p *process) waitReady(timeout time.Duration, ready func(context.Context) e
 			return nil
 		}
 		if p.exited() {
-			return fmt.Errorf("%s: %w (%w) before it was ready: %v", p.name, errExited, p.err, last)
+			// last (the final probe's failure) is detail only: callers match
+			// errExited and the exit error, not the probe's.
+			return fmt.Errorf("%s: %w (%w) before it was ready: %s", p.name, errExited, p.err, last.Error())
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s not ready after %v: %w", p.name, timeout, last)
