@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -22,6 +23,7 @@ import (
 	"go.opentelemetry.io/collector/pdata/ptrace/ptraceotlp"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -142,25 +144,34 @@ type grpcSender struct {
 	cc   *grpc.ClientConn
 	md   metadata.MD
 	opts []grpc.CallOption
+	tls  *tls.Config // nil when insecure; the health probe handshakes with it
 }
 
 func newGRPCSender(e Exporter) (*grpcSender, error) {
 	creds := insecure.NewCredentials()
+	var tlsCfg *tls.Config
 	if !e.Insecure {
 		cfg, err := clientTLS(e)
 		if err != nil {
 			return nil, err
 		}
 		creds = credentials.NewTLS(cfg)
+		tlsCfg = cfg
 	}
 	cc, err := grpc.NewClient(e.Endpoint,
 		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)),
+		// gRPC's own reconnect backoff grows to 120 s by default and would add to the
+		// relay's retry after an upstream (or the first SVID) comes back late.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+			MinConnectTimeout: 10 * time.Second,
+		}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("create grpc client for %s: %w", e.Endpoint, err)
 	}
-	s := &grpcSender{cc: cc, md: metadata.New(e.Headers), opts: []grpc.CallOption{grpc.ForceCodecV2(rawCodec{})}}
+	s := &grpcSender{cc: cc, md: metadata.New(e.Headers), opts: []grpc.CallOption{grpc.ForceCodecV2(rawCodec{})}, tls: tlsCfg}
 	if strings.EqualFold(e.Compression, "gzip") {
 		s.opts = append(s.opts, grpc.UseCompressor("gzip"))
 	}
@@ -205,11 +216,14 @@ func classifyGRPC(err error) error {
 	return err
 }
 
-func (s *grpcSender) probe(ctx context.Context) error { return dialProbe(ctx, s.cc.Target()) }
+func (s *grpcSender) probe(ctx context.Context) error { return dialProbe(ctx, s.cc.Target(), s.tls) }
 
 func (s *grpcSender) close() error { return s.cc.Close() }
 
-func dialProbe(ctx context.Context, hostport string) error {
+// dialProbe connects to the upstream and, over TLS, completes a handshake: a TCP
+// connect alone would call an upstream reachable whose certificate (or SPIFFE ID) we
+// will never accept, or that will never accept ours.
+func dialProbe(ctx context.Context, hostport string, tlsCfg *tls.Config) error {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	var d net.Dialer
@@ -217,7 +231,30 @@ func dialProbe(ctx context.Context, hostport string) error {
 	if err != nil {
 		return err
 	}
-	return c.Close()
+	defer c.Close()
+	if tlsCfg == nil {
+		return nil
+	}
+	cfg := tlsCfg.Clone()
+	if cfg.ServerName == "" {
+		cfg.ServerName, _, _ = net.SplitHostPort(hostport)
+	}
+	tc := tls.Client(c, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return fmt.Errorf("tls handshake: %w", err)
+	}
+	// Under TLS 1.3 the server checks our certificate after its Finished: one read
+	// surfaces its refusal (a short deadline, since an accepting server sends nothing).
+	_ = tc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, err := tc.Read(make([]byte, 1)); err != nil && !isTimeout(err) && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("tls: upstream refused us: %w", err)
+	}
+	return nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // ---- HTTP ----
@@ -225,6 +262,7 @@ func dialProbe(ctx context.Context, hostport string) error {
 type httpSender struct {
 	url     string
 	host    string
+	tls     *tls.Config // nil for plain http; the health probe handshakes with it
 	client  *http.Client
 	headers map[string]string
 	gzip    bool
@@ -261,7 +299,7 @@ func newHTTPSender(e Exporter) (*httpSender, error) {
 		host = net.JoinHostPort(u.Hostname(), map[string]string{"https": "443", "http": "80"}[u.Scheme])
 	}
 	return &httpSender{url: u.String(), host: host, client: &http.Client{Transport: tr}, headers: e.Headers,
-		gzip: strings.EqualFold(e.Compression, "gzip")}, nil
+		gzip: strings.EqualFold(e.Compression, "gzip"), tls: tr.TLSClientConfig}, nil
 }
 
 func (s *httpSender) send(ctx context.Context, parts [][]byte) (int64, string, error) {
@@ -326,7 +364,7 @@ func parseRetryAfter(v string) time.Duration {
 	return 0
 }
 
-func (s *httpSender) probe(ctx context.Context) error { return dialProbe(ctx, s.host) }
+func (s *httpSender) probe(ctx context.Context) error { return dialProbe(ctx, s.host, s.tls) }
 
 func (s *httpSender) close() error {
 	s.client.CloseIdleConnections()
