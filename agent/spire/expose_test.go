@@ -105,11 +105,14 @@ func TestExposeSameDirectory(t *testing.T) {
 	}
 	f.reaches(link)
 
-	// Something that is not ours is refused and reported, never replaced.
-	if err := os.Remove(link); err != nil {
+	// Something that is not ours is refused and reported, never replaced. It is
+	// renamed over the link in one step: removing the link first would race with the
+	// repair above, and writing through a repaired link would open the socket.
+	foreign := filepath.Join(filepath.Dir(link), ".foreign")
+	if err := os.WriteFile(foreign, []byte("not ours"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(link, []byte("not ours"), 0o644); err != nil {
+	if err := os.Rename(foreign, link); err != nil {
 		t.Fatal(err)
 	}
 	f.waitDetail(false, "expose_at /run/spire/agent-sockets/agent.sock: expose_at: "+link+" exists and is not a symlink", 5*time.Second)
