@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime"
 	"sync"
 	"time"
 
@@ -88,7 +89,7 @@ func New(cfg *config.Config, log *slog.Logger, level *slog.LevelVar) *Agent {
 		Name: "nodeagent_build_info",
 		Help: "Always 1; the labels say which build is running.",
 	}, []string{"version", "goversion"})
-	buildInfo.WithLabelValues(Version(), goVersion()).Set(1)
+	buildInfo.WithLabelValues(Version(), runtime.Version()).Set(1)
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -99,12 +100,6 @@ func New(cfg *config.Config, log *slog.Logger, level *slog.LevelVar) *Agent {
 	}
 	return a
 }
-
-// Status returns the agent's check registry (for tests and the CLI).
-func (a *Agent) Status() *Status { return a.status }
-
-// Registry returns the agent's metrics registry.
-func (a *Agent) Registry() *prometheus.Registry { return a.reg }
 
 // Run serves until ctx is cancelled: it binds the health listener first (an error
 // there is returned at once), starts the subsystems in order, applies a reload on

@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sync"
 
@@ -351,5 +350,3 @@ func spiffeTLS(c *config.Config, serverID string, w *wiring) func() (*tls.Config
 		return cfg, err
 	}
 }
-
-func goVersion() string { return runtime.Version() }
